@@ -1,0 +1,1 @@
+"""Training engine: data, schedules, checkpoints and the training loop shared by all CLIs."""

@@ -1,0 +1,69 @@
+"""Command-line flags shared by the training CLIs.
+
+Official flag names, meanings and defaults are kept so facebookresearch/mae commands run
+unchanged; the flags after them are this project's additions.
+"""
+import argparse
+
+import torch
+
+from .data import BUNDLED_DATA
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training CLI has (batch, schedule, data, output, runtime, distributed)."""
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per GPU/process (effective batch = batch_size * accum_iter * processes)")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int,
+                        help="accumulate gradients over this many iterations per optimizer step")
+    parser.add_argument("--input_size", default=224, type=int, help="image size")
+
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute learning rate")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * effective_batch / 256")
+    parser.add_argument("--min_lr", type=float, default=0., metavar="LR", help="lower lr bound of the cosine")
+    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear lr warmup")
+
+    parser.add_argument("--data_path", default=BUNDLED_DATA, type=str,
+                        help="dataset folder with train/<class>/<images> (default: the bundled sample photos)")
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt; "
+                        "empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="where to write tensorboard logs")
+    parser.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="resume from this checkpoint")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (without --resume)")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pin CPU memory in the DataLoader for faster transfer to the GPU")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                        help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+    parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI variables")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+    extra = parser.add_argument_group("additions to the official flags")
+    extra.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                       help="autocast precision (default: bf16 on GPUs that support it, else fp16; none on CPU)")
+    extra.add_argument("--compile", action="store_true", help="torch.compile the model")
+    extra.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm")
+    extra.add_argument("--print_freq", type=int, default=20, help="print progress every N iterations")
+    extra.add_argument("--save_every", type=int, default=20,
+                       help="write checkpoint-<epoch>.pth every N epochs (and after the last)")
+    extra.add_argument("--save_every_steps", type=int, default=0,
+                       help="also refresh checkpoint-last.pth every N iterations inside an epoch (0: off)")
+    extra.add_argument("--keep_last", type=int, default=0,
+                       help="keep only the K newest checkpoint-<epoch>.pth (0: keep all)")
+    extra.add_argument("--no_auto_resume", action="store_true",
+                       help="do not resume from <output_dir>/checkpoint-last.pth when it exists")
+    extra.add_argument("--skip_nonfinite", action="store_true",
+                       help="skip optimizer steps whose loss is not finite instead of stopping")

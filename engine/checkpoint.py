@@ -1,0 +1,185 @@
+"""What a training checkpoint holds, where it is written, and how a run resumes from it.
+
+Format: the official keys ('model', 'optimizer', 'epoch', 'scaler', 'args') plus the position
+inside the epoch and every rank's RNG state, all plain data (torch.load(weights_only=True)).
+'epoch' is the epoch the state belongs to; it is complete when epoch_iter == epoch_iters
+(official checkpoints, which lack these keys, are always at an epoch end).
+"""
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from util import dist as dist_util
+from util.checkpoint_io import CheckpointError, atomic_save, load_checkpoint_file, remove_stale_temp_files
+from util.errors import UserError
+from util.rng import get_rng_state, set_rng_state
+
+log = logging.getLogger("mae")
+
+LAST, PREV = "checkpoint-last.pth", "checkpoint-prev.pth"
+_NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Position:
+    """Where training continues: the epoch, and the global samples of it already consumed."""
+    epoch: int = 0
+    samples_in_epoch: int = 0
+
+
+def plain_args(args) -> dict:
+    """argparse values as plain data, so no pickled Namespace is needed to read them back."""
+    out = {}
+    for k, v in vars(args).items():
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def numbered_checkpoints(output_dir: str) -> List[str]:
+    """checkpoint-<epoch>.pth files, newest epoch first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := _NUMBERED.match(n))]
+    return [os.path.join(output_dir, n) for _, n in sorted(found, reverse=True)]
+
+
+class Checkpointer:
+    """Writes checkpoints on rank 0; every rank must call save() (RNG states are gathered)."""
+
+    def __init__(self, output_dir: str, model, optimizer, scaler, args, keep_last: int = 0):
+        self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
+        self.args, self.keep_last = args, keep_last
+        if output_dir and dist_util.is_main_process():
+            os.makedirs(output_dir, exist_ok=True)
+            remove_stale_temp_files(output_dir)
+
+    def save(self, epoch: int, epoch_iter: int, epoch_iters: int, samples_in_epoch: int,
+             numbered: bool = False) -> None:
+        if not self.output_dir:
+            return
+        rng = dist_util.all_gather_object(get_rng_state())
+        if not dist_util.is_main_process():
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "epoch_iter": epoch_iter,
+            "epoch_iters": epoch_iters,
+            "samples_in_epoch": samples_in_epoch,
+            "world_size": dist_util.get_world_size(),
+            "args": plain_args(self.args),
+            "rng": rng,
+            "format_version": FORMAT_VERSION,
+        }
+        last = os.path.join(self.output_dir, LAST)
+        atomic_save(state, last, previous=os.path.join(self.output_dir, PREV))
+        if numbered:
+            self._snapshot(last, os.path.join(self.output_dir, f"checkpoint-{epoch}.pth"), state)
+            self._prune()
+
+    @staticmethod
+    def _snapshot(last: str, path: str, state: dict) -> None:
+        """checkpoint-<epoch>.pth with the same content: a hard link when the filesystem allows."""
+        tmp = path + ".link.tmp"
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            os.link(last, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            atomic_save(state, path)
+
+    def _prune(self) -> None:
+        if self.keep_last > 0:
+            for path in numbered_checkpoints(self.output_dir)[self.keep_last:]:
+                os.unlink(path)
+
+
+def find_resume_checkpoint(args) -> Optional[dict]:
+    """The checkpoint to resume from: --resume, else the newest readable one in output_dir."""
+    if args.resume:
+        ckpt = load_checkpoint_file(args.resume)
+        ckpt["_path"] = args.resume
+        return ckpt
+    if args.no_auto_resume or not args.output_dir:
+        return None
+    candidates = [os.path.join(args.output_dir, n) for n in (LAST, PREV)] + numbered_checkpoints(args.output_dir)
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            ckpt = load_checkpoint_file(path)
+        except CheckpointError as e:
+            log.warning("warning: %s; trying the previous checkpoint", e)
+            continue
+        ckpt["_path"] = path
+        return ckpt
+    return None
+
+
+def load_model_weights(model, state_dict: dict, source: str) -> None:
+    """Strict load with a one-line error naming the mismatching keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+
+    def short(keys):
+        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {short(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {short(shapes)}")
+    if problems:
+        raise UserError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}): "
+                        "check --model/--input_size against the checkpoint")
+    model.load_state_dict(state_dict)
+
+
+def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
+    """Restore model (and, when present, optimizer, scaler, RNG and data position)."""
+    if ckpt is None:
+        return Position(epoch=args.start_epoch)
+    path = ckpt["_path"]
+    if "model" not in ckpt:
+        raise UserError(f"checkpoint {path} has no 'model' entry: it is not a training checkpoint")
+    load_model_weights(model, ckpt["model"], path)
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        log.info("Loaded weights from %s (no optimizer state); starting at epoch %d", path, args.start_epoch)
+        return Position(epoch=args.start_epoch)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"optimizer state in {path} does not fit this model's parameter groups ({e}): "
+                        "resume with the same --model, or load weights only") from None
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    epoch = int(ckpt["epoch"])
+    done = ckpt.get("epoch_iter", 1) >= ckpt.get("epoch_iters", 1)
+    pos = Position(epoch + 1, 0) if done else Position(epoch, int(ckpt["samples_in_epoch"]))
+    rng = ckpt.get("rng")
+    if rng and len(rng) == dist_util.get_world_size():
+        set_rng_state(rng[dist_util.get_rank()])
+    elif rng:
+        log.warning("warning: %s was written by %d processes, this run has %d; RNG states not restored "
+                    "(data order and masks are unaffected)", path, len(rng), dist_util.get_world_size())
+    where = f"epoch {pos.epoch}" + (f", sample {pos.samples_in_epoch} of the epoch" if pos.samples_in_epoch else "")
+    log.info("Resumed from %s: continuing at %s", path, where)
+    return pos

@@ -1,0 +1,150 @@
+"""Training data: ImageFolder, the official augmentation, and sample-keyed randomness.
+
+Every random draw made for a sample (crop, flip, and the MAE mask noise) is a pure function of
+(seed, epoch, sample index). The data a step sees therefore does not depend on the number of
+processes, loader workers, or where a run was resumed: a 2-process run sees the same samples
+as a 1-process run with twice the batch, and a resumed run continues with the very batches the
+uninterrupted run would have seen.
+"""
+import logging
+import math
+import os
+import sys
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+from util.errors import UserError
+
+log = logging.getLogger("mae")
+
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+
+
+def pretrain_transform(input_size: int) -> T.Compose:
+    """The official MAE pretraining augmentation."""
+    return T.Compose([
+        T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def image_folder(data_path: str, split: str) -> ImageFolder:
+    """ImageFolder(<data_path>/<split>) with one-line errors for the usual mistakes."""
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data_path {data_path} does not exist: point it at a dataset folder "
+                        f"that contains {split}/<class>/<image files> (ImageNet layout)")
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        raise UserError(f"--data_path {data_path} has no '{split}' folder: expected "
+                        f"{root}/<class>/<image files> (ImageNet layout)")
+    try:
+        return ImageFolder(root)
+    except FileNotFoundError as e:
+        if "class folder" in str(e):
+            raise UserError(f"no class folders in {root}: put images in {root}/<class>/ "
+                            "(for pretraining any single folder name works)") from None
+        raise UserError(f"no images found under {root}: supported extensions are "
+                        ".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp") from None
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class KeyedSamples(Dataset):
+    """Wraps an ImageFolder; dataset[(epoch, index)] -> (image, target[, mask noise]).
+
+    An unreadable image is reported once (file and reason) and replaced by the next readable
+    sample, so one bad file never ends a long run and the replacement is reproducible.
+    """
+
+    def __init__(self, folder: ImageFolder, transform, seed: int, num_patches: int = 0):
+        self.folder, self.transform, self.seed, self.num_patches = folder, transform, seed, num_patches
+        self._reported = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def _load(self, index: int):
+        n = len(self.folder.samples)
+        for k in range(n):
+            path, target = self.folder.samples[(index + k) % n]
+            try:
+                img = self.folder.loader(path)
+                img.load()
+                return img, target
+            except Exception as e:  # PIL raises many types for corrupt or truncated files
+                if path not in self._reported:
+                    self._reported.add(path)
+                    nxt = self.folder.samples[(index + k + 1) % n][0]
+                    print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); "
+                          f"using {nxt} in its place", file=sys.stderr, flush=True)
+        raise UserError(f"none of the {n} images under {self.folder.root} can be read")
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        img, target = self._load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            img = self.transform(img)
+            if self.num_patches:
+                return img, target, torch.rand(self.num_patches)
+        return img, target
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (same permutation and padding) that yields (epoch, index) keys and can
+    start part-way through an epoch.
+
+    After k global steps of a global batch G the consumed samples are exactly the first k*G of
+    the padded permutation, whatever the world size; start_sample skips those.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start_sample = 0
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_sample = start_sample
+
+    def __len__(self) -> int:
+        return (self.total_size - self.start_sample) // self.num_replicas
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        padding = self.total_size - len(indices)
+        indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        mine = indices[self.start_sample:][self.rank::self.num_replicas][:len(self)]
+        return iter([(self.epoch, i) for i in mine])
+
+
+def build_loader(dataset: KeyedSamples, batch_size: int, world_size: int, rank: int, seed: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    if len(sampler) < batch_size:
+        raise UserError(f"each of the {world_size} process(es) gets {len(sampler)} of the {len(dataset)} images, "
+                        f"fewer than --batch_size {batch_size}: lower --batch_size or use more images")
+    # A private generator: the loader's worker seeds must not consume the global RNG, or a
+    # resumed run's global RNG stream would drift from the uninterrupted one.
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                      generator=g)
+
+
+def iters_per_epoch(loader: DataLoader) -> int:
+    """Optimizer-schedule length of a full epoch, independent of a mid-epoch start."""
+    sampler: ResumableSampler = loader.sampler
+    return (sampler.total_size // sampler.num_replicas) // loader.batch_size
+

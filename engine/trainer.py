@@ -1,0 +1,159 @@
+"""One training epoch, shared by pretraining and fine-tuning.
+
+The loop never reads a device value per iteration: losses, grad norms and the non-finite
+check accumulate on the device and are read at print time, before a checkpoint, and at the
+end of the epoch. That keeps the GPU queue full without the official loop's per-step
+loss.item() and cuda.synchronize().
+"""
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from util import dist as dist_util
+from util.errors import TrainingStopped
+from util.meters import DeviceMeters, LoopTimer, max_memory_mb
+
+from .lr_sched import adjust_learning_rate
+
+log = logging.getLogger("mae")
+
+
+@dataclass
+class EpochContext:
+    device: torch.device
+    epoch: int
+    epoch_iters: int                  # iterations of a full epoch (the schedule's unit)
+    start_iter: int = 0               # first iteration to run (mid-epoch resume)
+    amp_dtype: Optional[torch.dtype] = None
+    log_writer: Optional[object] = None
+    # Mid-epoch checkpoint: save_checkpoint(iterations_done) every save_every_steps iterations.
+    save_checkpoint: Optional[Callable[[int], None]] = None
+    save_every_steps: int = 0
+
+
+def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if clip_grad is not None:
+        return torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first iteration whose loss was not finite.
+
+    With skip=True the optimizer step of a window with a non-finite loss is skipped instead
+    (that needs one host read per step), and check() never stops training.
+    """
+
+    def __init__(self, device, skip: bool = False):
+        self.skip = skip
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.window_bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def update(self, loss: torch.Tensor, it: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where((self.first_bad < 0) & bad, torch.full_like(self.first_bad, it), self.first_bad)
+        self.window_bad = self.window_bad | bad
+
+    def check(self, epoch: int) -> None:
+        """Raise if any loss so far was not finite (reads the device; call before saving)."""
+        if self.skip:
+            return
+        first = int(dist_util.all_reduce_max(self.first_bad).item())
+        if first >= 0:
+            raise TrainingStopped(
+                f"loss is not finite at epoch {epoch}, iteration {first}: training stopped; the last "
+                "checkpoint is intact (lower --lr/--blr, use --amp bf16 or none, or pass --skip_nonfinite)")
+
+
+def train_one_epoch(model, compute_loss: Callable, data_loader, optimizer, scaler, args,
+                    ctx: EpochContext) -> Dict[str, float]:
+    """compute_loss(model, batch) -> scalar loss tensor, called under autocast."""
+    model.train(True)
+    device, epoch, accum = ctx.device, ctx.epoch, args.accum_iter
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    meters, watch = DeviceMeters(), NonFiniteWatch(device, skip=args.skip_nonfinite)
+    autocast = (torch.autocast(device.type, dtype=ctx.amp_dtype) if ctx.amp_dtype is not None
+                else nullcontext())
+    timer = LoopTimer(ctx.epoch_iters, ctx.start_iter)
+    global_batch = data_loader.batch_size * dist_util.get_world_size()
+    width = len(str(ctx.epoch_iters))
+    lr = optimizer.param_groups[0]["lr"]
+    lr_sum, skipped = 0.0, 0
+
+    optimizer.zero_grad(set_to_none=True)
+    for it, batch in enumerate(data_loader, start=ctx.start_iter):
+        timer.data_ready()
+        if it % accum == 0:  # per-iteration schedule, updated at the start of each accumulation window
+            lr = adjust_learning_rate(optimizer, it / ctx.epoch_iters + epoch, args)
+        step_now = (it + 1) % accum == 0
+        with model.no_sync() if distributed and not step_now else nullcontext():
+            with autocast:
+                loss = compute_loss(model, batch)
+            scaler.scale(loss / accum).backward()
+        watch.update(loss, it)
+        meters.update("loss", loss)
+        lr_sum += lr
+
+        if step_now:
+            scaler.unscale_(optimizer)
+            grad_norm = grad_total_norm(params, args.clip_grad)
+            if watch.skip and dist_util.any_across_ranks(bool(watch.window_bad.item()), device):
+                # Every rank skips together, so the replicas stay identical.
+                skipped += 1
+                log.warning("warning: non-finite loss at epoch %d, iteration %d: optimizer step skipped", epoch, it)
+            else:
+                scaler.step(optimizer)
+                meters.update("grad_norm", grad_norm)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            watch.window_bad.zero_()
+        timer.step_done()
+
+        done = it + 1
+        if done % args.print_freq == 0 or done == ctx.epoch_iters:
+            watch.check(epoch)
+            _report(meters, timer, ctx, done, width, lr, global_batch)
+        if (step_now and ctx.save_every_steps and done % ctx.save_every_steps == 0
+                and done < ctx.epoch_iters and ctx.save_checkpoint is not None):
+            watch.check(epoch)  # never write a checkpoint with non-finite weights
+            ctx.save_checkpoint(done)
+
+    watch.check(epoch)
+    stats = meters.read_total()
+    stats["lr"] = lr_sum / max(timer.iters, 1)  # the epoch average, as the official log.txt
+    if skipped:
+        stats["skipped_steps"] = skipped
+    log.info("Averaged stats: %s", "  ".join(f"{k}: {v:.6g}" for k, v in sorted(stats.items())))
+    return stats
+
+
+def _report(meters: DeviceMeters, timer: LoopTimer, ctx: EpochContext, done: int, width: int,
+            lr: float, global_batch: int) -> None:
+    window, timing = meters.read_window(), timer.window()
+    if not dist_util.is_main_process():
+        return
+    loss = window.get("loss", math.nan)
+    parts = [f"Epoch: [{ctx.epoch}]  [{done:>{width}}/{ctx.epoch_iters}]", f"eta: {timer.eta()}",
+             f"lr: {lr:.6f}", f"loss: {loss:.4f}"]
+    if "grad_norm" in window:
+        parts.append(f"grad_norm: {window['grad_norm']:.4f}")
+    parts += [f"img/s: {global_batch / timing['iter_time']:.1f}",
+              f"data: {timing['data_time']:.3f}s ({timing['data_share']:.0%})",
+              f"max mem: {max_memory_mb(ctx.device):.0f}MB"]
+    log.info("  ".join(parts))
+    if ctx.log_writer is not None:
+        # x-axis in 1/1000 epochs: curves of runs with different batch sizes line up.
+        epoch_1000x = int(((done - 1) / ctx.epoch_iters + ctx.epoch) * 1000)
+        ctx.log_writer.add_scalar("train_loss", loss, epoch_1000x)
+        ctx.log_writer.add_scalar("lr", lr, epoch_1000x)
+        if "grad_norm" in window:
+            ctx.log_writer.add_scalar("grad_norm", window["grad_norm"], epoch_1000x)
+        ctx.log_writer.add_scalar("img_per_s", global_batch / timing["iter_time"], epoch_1000x)

@@ -1,0 +1,244 @@
+"""Masked Autoencoder with a plain ViT encoder (He et al., 2021).
+
+State-dict keys, shapes, initialisation and numerics follow the official
+facebookresearch/mae `models_mae.py`, so its released checkpoints load with strict=True.
+Modules are created in the official order so that a given seed draws the same initial weights.
+"""
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from .pos_embed import sincos_pos_embed_tensor
+from .registry import register_model
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with VisionTransformer backbone."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        self.in_chans = in_chans
+        # Encoder. strict_img_size=False: other resolutions divisible by the patch size work,
+        # with a sin-cos table computed for their grid.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        self._other_grid_tables = {}
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(sincos_pos_embed_tensor(self.pos_embed.shape[-1], grid))
+        self.decoder_pos_embed.data.copy_(sincos_pos_embed_tensor(self.decoder_pos_embed.shape[-1], grid))
+
+        # Patch embedding initialised as the linear layer it is, not as a convolution.
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        # timm's trunc_normal_(std=.02) is effectively normal_(std=.02): the cutoff (2.) is ~100 std.
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            # xavier_uniform follows the official JAX ViT.
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------ patches
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def grid_of(self, imgs: torch.Tensor) -> Tuple[int, int]:
+        p = self.patch_size
+        h, w = imgs.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+        return h // p, w // p
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened as (p, q, c)."""
+        p = self.patch_size
+        h, w = self.grid_of(imgs)
+        n, c = imgs.shape[:2]
+        x = imgs.reshape(n, c, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W). grid=(h, w) is needed only for non-square grids."""
+        p, c = self.patch_size, self.in_chans
+        if grid is None:
+            h = w = int(round(x.shape[1] ** .5))
+        else:
+            h, w = grid
+        if h * w != x.shape[1]:
+            raise ValueError(f"{x.shape[1]} patches do not form a {h}x{w} grid")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _pos_tables(self, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed, self.decoder_pos_embed
+        key = (tuple(grid), self.pos_embed.device)
+        if key not in self._other_grid_tables:
+            self._other_grid_tables[key] = tuple(
+                sincos_pos_embed_tensor(t.shape[-1], grid).to(t.device) for t in (self.pos_embed, self.decoder_pos_embed))
+        return self._other_grid_tables[key]
+
+    # ------------------------------------------------------------------ masking
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+        """Per-sample random masking by argsort of noise: the smallest-noise patches are kept.
+
+        x: (N, L, D). Returns the kept tokens, the binary mask (N, L; 0 keep, 1 remove) and the
+        permutation that restores the original patch order.
+        """
+        n, length, dim = x.shape
+        len_keep = int(length * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
+        elif noise.shape != (n, length):
+            raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
+
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+
+        mask = torch.ones([n, length], device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return x_masked, mask, ids_restore
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoder(self, x, mask_ratio, noise=None):
+        pos_embed, _ = self._pos_tables(self.grid_of(x))
+        x = self.patch_embed(x)
+        x = x + pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+
+        cls_token = self.cls_token + pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore, grid: Optional[Tuple[int, int]] = None):
+        """grid=(h, w) of the patches; only needed for non-square inputs of another size."""
+        x = self.decoder_embed(x)
+
+        # Mask tokens fill the removed positions, then the sequence is put back in patch order.
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1).to(x.dtype)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+
+        if grid is None:
+            side = int(round(length ** .5))
+            grid = (side, side)
+        x = x + self._pos_tables(grid)[1]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error per patch, averaged over the removed patches only.
+
+        imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 0 keep, 1 remove.
+        """
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+        loss = (pred.float() - target) ** 2
+        loss = loss.mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore, self.grid_of(imgs))
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _mae(kwargs, **arch):
+    """Architecture defaults, overridable by the caller (e.g. decoder ablations)."""
+    return MaskedAutoencoderViT(**{**dict(mlp_ratio=4, norm_layer=_LN), **arch, **kwargs})
+
+
+@register_model
+def mae_vit_mini_patch16(**kwargs):
+    """A few-million-FLOP model for tests and CPU demos (use --input_size 64..112)."""
+    return _mae(kwargs, patch_size=16, embed_dim=128, depth=4, num_heads=4,
+                decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
+
+
+@register_model
+def mae_vit_tiny_patch16(**kwargs):
+    """ViT-Ti encoder (192-d, 12 blocks, 3 heads) with a small 128-d, 4-block decoder."""
+    return _mae(kwargs, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+
+
+@register_model
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return _mae(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+@register_model
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return _mae(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+@register_model
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return _mae(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+# The recommended architectures (decoder: 512-d, 8 blocks), under the official names.
+mae_vit_base_patch16 = register_model(mae_vit_base_patch16_dec512d8b, name="mae_vit_base_patch16")
+mae_vit_large_patch16 = register_model(mae_vit_large_patch16_dec512d8b, name="mae_vit_large_patch16")
+mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, name="mae_vit_huge_patch14")

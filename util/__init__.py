@@ -1,0 +1,1 @@
+"""Infrastructure with no MAE-specific logic: processes, files, RNG, meters, errors."""

@@ -1,0 +1,127 @@
+"""Process-group setup for torchrun, SLURM srun, OpenMPI (ITP) or a single process."""
+import datetime
+import logging
+import os
+import re
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as 'gpu[007-009,012],cpu3' -> 'gpu007'."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port that jobs sharing a node are unlikely to collide on, the same on every task."""
+    return 15000 + int(job_id) % 20000
+
+
+def _launch_env(dist_on_itp: bool):
+    """(rank, world_size, local_rank, dist_url or None) from the launcher's environment."""
+    env = os.environ
+    if dist_on_itp:
+        rank = int(env["OMPI_COMM_WORLD_RANK"])
+        world = int(env["OMPI_COMM_WORLD_SIZE"])
+        local = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        url = "tcp://%s:%s" % (env["MASTER_ADDR"], env["MASTER_PORT"])
+        return rank, world, local, url
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), None
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per GPU
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env["SLURM_JOB_ID"])))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), None
+    return 0, 1, 0, None
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.rank/world_size/gpu/distributed and join the process group when launched with >1 process.
+
+    nccl for CUDA devices, gloo otherwise, so the same command runs on CPU-only machines.
+    """
+    rank, world, local, url = _launch_env(getattr(args, "dist_on_itp", False))
+    args.rank, args.world_size, args.gpu = rank, world, local
+    args.distributed = world > 1
+    device_type = torch.device(args.device).type
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not args.distributed:
+        return
+    args.dist_url = url or args.dist_url
+    args.dist_backend = "nccl" if device_type == "cuda" else "gloo"
+    # RANK/WORLD_SIZE for any code that reads them (e.g. srun launches set only SLURM_*).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    kwargs = dict(backend=args.dist_backend, init_method=args.dist_url, world_size=world, rank=rank,
+                  timeout=datetime.timedelta(minutes=30))
+    if device_type == "cuda":
+        kwargs["device_id"] = torch.device("cuda", local)
+    dist.init_process_group(**kwargs)
+    dist.barrier()
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= get_world_size()
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_across_ranks(flag: bool, device: Optional[torch.device] = None) -> bool:
+    if not is_dist():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def setup_logging() -> logging.Logger:
+    """Only rank 0 prints progress; other ranks print warnings and errors."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO if is_main_process() else logging.WARNING,
+                        force=True)
+    return logging.getLogger("mae")
