@@ -3,6 +3,7 @@ import datetime
 import logging
 import os
 import re
+import sys
 from typing import Optional
 
 import torch
@@ -121,7 +122,11 @@ def any_across_ranks(flag: bool, device: Optional[torch.device] = None) -> bool:
 
 
 def setup_logging() -> logging.Logger:
-    """Only rank 0 prints progress; other ranks print warnings and errors."""
+    """Progress on stdout from rank 0 only; warnings on stderr from every rank."""
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
     logging.basicConfig(format="%(message)s", level=logging.INFO if is_main_process() else logging.WARNING,
-                        force=True)
+                        handlers=[out, err], force=True)
     return logging.getLogger("mae")

@@ -1,0 +1,66 @@
+"""Shared fixtures: small real-image datasets and a runner for the CLIs as real processes."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO / "data" / "sample" / "train" / "photos"
+
+# A model and input size that make a CLI run take seconds on a 2-core CPU.
+MINI = ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--num_workers", "0",
+        "--warmup_epochs", "1", "--log_dir", ""]
+
+
+def make_image_folder(root: Path, size: int = 96, copies: int = 1) -> Path:
+    """root/train/photos/*.jpg: the bundled photos, shrunk so that decoding is cheap."""
+    out = root / "train" / "photos"
+    out.mkdir(parents=True, exist_ok=True)
+    for c in range(copies):
+        for p in sorted(PHOTOS.glob("*.jpg")):
+            img = Image.open(p)
+            img.thumbnail((size, size))
+            img.save(out / f"{p.stem}_{c}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """14 real photos (7 grayscale) in ImageFolder layout."""
+    return make_image_folder(tmp_path_factory.mktemp("photos"))
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def main_cmd(script: str, args, nproc: int = 1):
+    if nproc == 1:
+        return [sys.executable, str(REPO / script), *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / script), *map(str, args)]
+
+
+def run_main(script: str, args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(main_cmd(script, args, nproc), cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pretrain(args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_main("main_pretrain.py", args, nproc, timeout)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
