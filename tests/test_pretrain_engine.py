@@ -130,3 +130,29 @@ def test_sample_randomness_is_keyed_not_global(photos):
     img3, _, noise3 = ds[(3, 5)]  # another epoch: another crop and mask
     assert not torch.equal(noise1, noise3)
     assert img1.shape == (3, 32, 32)  # grayscale photos come out as RGB
+
+
+def test_keep_last_no_auto_resume_and_tensorboard(photos, tmp_path):
+    base = [*MINI, "--data_path", photos, "--batch_size", 7, "--output_dir", tmp_path, "--print_freq", 1]
+    assert_ok(pretrain([*base, "--epochs", 4, "--save_every", 1, "--keep_last", 2, "--log_dir", tmp_path]))
+    names = sorted(p.name for p in tmp_path.glob("checkpoint-*.pth"))
+    assert names == ["checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-last.pth", "checkpoint-prev.pth"]
+    assert load(tmp_path / "checkpoint-3.pth")["epoch"] == 3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    loss = events.Scalars("train_loss")
+    # 2 iterations per epoch, printed every iteration: x = 1000 * (epoch + iteration / 2).
+    assert [e.step for e in loss] == [0, 500, 1000, 1500, 2000, 2500, 3000, 3500]
+    assert all(math.isfinite(e.value) for e in loss)
+    assert {"lr", "grad_norm"} <= set(events.Tags()["scalars"])
+
+    # Auto-resume is on by default: the finished run has nothing left to do...
+    proc = pretrain([*base, "--epochs", 4])
+    assert_ok(proc)
+    assert "continuing at epoch 4" in proc.stdout and "Epoch: [" not in proc.stdout
+    # ...and --no_auto_resume starts from scratch.
+    proc = pretrain([*base, "--epochs", 1, "--no_auto_resume"])
+    assert_ok(proc)
+    assert "Resumed" not in proc.stdout and "Epoch: [0]" in proc.stdout
