@@ -112,10 +112,11 @@ class MaskedAutoencoderViT(nn.Module):
     def _pos_tables(self, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if tuple(grid) == tuple(self.patch_embed.grid_size):
             return self.pos_embed, self.decoder_pos_embed
-        key = (tuple(grid), self.pos_embed.device)
+        key = (tuple(grid), self.pos_embed.device, self.pos_embed.dtype)
         if key not in self._other_grid_tables:
             self._other_grid_tables[key] = tuple(
-                sincos_pos_embed_tensor(t.shape[-1], grid).to(t.device) for t in (self.pos_embed, self.decoder_pos_embed))
+                sincos_pos_embed_tensor(t.shape[-1], grid).to(device=t.device, dtype=t.dtype)
+                for t in (self.pos_embed, self.decoder_pos_embed))
         return self._other_grid_tables[key]
 
     # ------------------------------------------------------------------ masking

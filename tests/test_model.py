@@ -4,17 +4,13 @@ architecture, hand computations, and an independent implementation (transformers
 Everything runs on CPU in a few seconds; the large/huge layouts are built on the meta device.
 """
 import math
-import os
-import sys
 from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models import MaskedAutoencoderViT, create_model, list_models  # noqa: E402
+from models import MaskedAutoencoderViT, create_model, list_models
 
 OFFICIAL_NAMES = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
@@ -626,4 +622,13 @@ def test_base_on_160_input(base):
         loss, pred, mask = base(imgs, 0.75, noise=torch.rand(1, 100))
     assert pred.shape == (1, 100, 768)
     assert mask.shape == (1, 100) and mask.sum().item() == 75
+    assert torch.isfinite(loss)
+
+
+def test_other_input_size_in_bf16():
+    """The position tables made for another grid follow the model's dtype."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_mini_patch16", img_size=64).to(torch.bfloat16)
+    loss, pred, mask = model(torch.randn(2, 3, 96, 64, dtype=torch.bfloat16), noise=torch.rand(2, 24))
+    assert pred.dtype == torch.bfloat16 and pred.shape == (2, 24, 768)
     assert torch.isfinite(loss)
