@@ -163,7 +163,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         # Mask tokens fill the removed positions, then the sequence is put back in patch order.
         n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1).to(x.dtype)
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1, :], x_], dim=1)

@@ -36,6 +36,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -131,11 +132,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loadavg() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+class CpuShare:
+    """CPU time used by other processes (and stolen by the hypervisor) while a region runs.
+
+    On CPU the benchmark's numbers are only meaningful on an otherwise idle machine; this
+    reads /proc/stat (Linux) before and after and subtracts this process's own CPU time.
+    The results are average numbers of cores; None where /proc/stat cannot be read.
+    """
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat", encoding="utf-8") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+        steal = fields[7] if len(fields) > 7 else 0
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return (time.perf_counter(), (user + nice + system + irq + softirq) / tick, steal / tick,
+                own.ru_utime + own.ru_stime)
+
+    def stop(self) -> Dict[str, Optional[float]]:
+        end = self._read()
+        if self.start is None or end is None:
+            return {"other_processes_cores": None, "steal_cores": None, "own_cores": None}
+        wall = end[0] - self.start[0]
+        busy, steal, own = (end[i] - self.start[i] for i in (1, 2, 3))
+        return {"other_processes_cores": max(busy - own, 0.0) / wall, "steal_cores": steal / wall,
+                "own_cores": own / wall}
 
 
 def device_name(device: torch.device) -> str:
@@ -240,7 +269,6 @@ def run_benchmark(args) -> Dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    load_before = _loadavg()
     amp_dtype = resolve_amp(args.amp, device)
     compute_dtype = amp_dtype or torch.float32
     torch.manual_seed(args.seed)
@@ -294,6 +322,7 @@ def run_benchmark(args) -> Dict:
         warmup_s.append(time.perf_counter() - t0)
 
     step_s: List[float] = []
+    cpu_share = CpuShare()
     for _ in range(args.repeats):
         _sync(device)
         t0 = time.perf_counter()
@@ -301,6 +330,7 @@ def run_benchmark(args) -> Dict:
             loss, grad_norm = step()
         _sync(device)
         step_s.append((time.perf_counter() - t0) / args.iters)
+    contention = cpu_share.stop()
     peak_mem_mb = max_memory_mb(device)
     last_loss, last_grad_norm = float(loss.detach()), float(grad_norm)
 
@@ -340,9 +370,9 @@ def run_benchmark(args) -> Dict:
         "num_params": num_params,
         "last_loss": last_loss,
         "last_grad_norm": last_grad_norm,
-        # 1-minute load average of the machine before and after: other processes sharing the
-        # CPU (load above the thread count) make CPU numbers, and the GPU feed, slower.
-        "loadavg_1min_before_after": [load_before, _loadavg()],
+        # Average cores used by other processes / stolen by the hypervisor / used by this one
+        # during the timed repeats: CPU numbers are only valid when the first two are ~0.
+        "cpu_contention": contention,
         "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
@@ -382,11 +412,12 @@ def main(args) -> None:
     print(f"# repeats img/s: {', '.join(f'{x:.2f}' for x in r['img_per_s_repeats'])} (median reported); "
           f"peak: {r['peak_matmul']['size']}^2 {r['peak_matmul']['dtype']} matmul; "
           f"peak mem: {r['peak_mem_kind']}; final loss {r['last_loss']:.4f}")
-    before, after = r["loadavg_1min_before_after"]
-    if before is not None:
-        busy = max(before, after) > r["threads"] + 0.5 if r["device"] == "cpu" else False
-        print(f"# 1-min load average before/after: {before:.2f}/{after:.2f}"
-              + ("  WARNING: other processes compete for the CPU; numbers are low" if busy else ""))
+    c = r["cpu_contention"]
+    if c["other_processes_cores"] is not None:
+        busy = c["other_processes_cores"] + c["steal_cores"] > 0.1 * r["threads"]
+        print(f"# cores used during the timed steps: this process {c['own_cores']:.2f}, other processes "
+              f"{c['other_processes_cores']:.2f}, hypervisor steal {c['steal_cores']:.2f}"
+              + ("  WARNING: the CPU was shared; the numbers are low" if busy else ""))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
