@@ -20,7 +20,7 @@ from util.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger("mae")
 
-LAST, PREV = "checkpoint-last.pth", "checkpoint-prev.pth"
+LAST, PREV, BEST = "checkpoint-last.pth", "checkpoint-prev.pth", "checkpoint-best.pth"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 FORMAT_VERSION = 1
 
@@ -64,7 +64,10 @@ class Checkpointer:
             remove_stale_temp_files(output_dir)
 
     def save(self, epoch: int, epoch_iter: int, epoch_iters: int, samples_in_epoch: int,
-             numbered: bool = False) -> None:
+             numbered: bool = False, best: bool = False, extra: Optional[dict] = None) -> None:
+        """checkpoint-last.pth, plus checkpoint-<epoch>.pth (numbered) and checkpoint-best.pth (best).
+
+        extra: more plain-data entries for the checkpoint (e.g. max_accuracy)."""
         if not self.output_dir:
             return
         rng = dist_util.all_gather_object(get_rng_state())
@@ -82,12 +85,15 @@ class Checkpointer:
             "args": plain_args(self.args),
             "rng": rng,
             "format_version": FORMAT_VERSION,
+            **(extra or {}),
         }
         last = os.path.join(self.output_dir, LAST)
         atomic_save(state, last, previous=os.path.join(self.output_dir, PREV))
         if numbered:
             self._snapshot(last, os.path.join(self.output_dir, f"checkpoint-{epoch}.pth"), state)
             self._prune()
+        if best:
+            self._snapshot(last, os.path.join(self.output_dir, BEST), state)
 
     @staticmethod
     def _snapshot(last: str, path: str, state: dict) -> None:

@@ -5,8 +5,12 @@ check accumulate on the device and are read at print time, before a checkpoint, 
 end of the epoch. That keeps the GPU queue full without the official loop's per-step
 loss.item() and cuda.synchronize().
 """
+import datetime
+import json
 import logging
 import math
+import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -17,6 +21,7 @@ from util import dist as dist_util
 from util.errors import TrainingStopped
 from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 
+from .data import iters_per_epoch
 from .lr_sched import adjust_learning_rate
 
 log = logging.getLogger("mae")
@@ -33,6 +38,8 @@ class EpochContext:
     # Mid-epoch checkpoint: save_checkpoint(iterations_done) every save_every_steps iterations.
     save_checkpoint: Optional[Callable[[int], None]] = None
     save_every_steps: int = 0
+    # Puts the model in training mode (linear probing keeps the frozen encoder in eval mode).
+    train_mode: Optional[Callable[[], None]] = None
 
 
 def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
@@ -75,7 +82,10 @@ class NonFiniteWatch:
 def train_one_epoch(model, compute_loss: Callable, data_loader, optimizer, scaler, args,
                     ctx: EpochContext) -> Dict[str, float]:
     """compute_loss(model, batch) -> scalar loss tensor, called under autocast."""
-    model.train(True)
+    if ctx.train_mode is not None:
+        ctx.train_mode()
+    else:
+        model.train(True)
     device, epoch, accum = ctx.device, ctx.epoch, args.accum_iter
     params = [p for g in optimizer.param_groups for p in g["params"]]
     distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -157,3 +167,63 @@ def _report(meters: DeviceMeters, timer: LoopTimer, ctx: EpochContext, done: int
         if "grad_norm" in window:
             ctx.log_writer.add_scalar("grad_norm", window["grad_norm"], epoch_1000x)
         ctx.log_writer.add_scalar("img_per_s", global_batch / timing["iter_time"], epoch_1000x)
+
+
+@dataclass
+class TrainingRun:
+    """Everything the epoch loop needs; `model` is the (compiled / DDP-wrapped) training model."""
+    model: torch.nn.Module
+    compute_loss: Callable
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    checkpointer: object
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    log_writer: Optional[object] = None
+    train_mode: Optional[Callable[[], None]] = None
+
+
+def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> None:
+    """Train from `pos` (a checkpoint Position) to args.epochs.
+
+    after_epoch(epoch) -> (log fields, is_best, extra checkpoint state) runs before the epoch's
+    checkpoint is written, e.g. to evaluate; its state is saved with the checkpoint.
+    """
+    epoch_iters = iters_per_epoch(run.loader)
+    global_batch = run.loader.batch_size * dist_util.get_world_size()
+    log.info("Start training for %d epochs (%d iterations each)", args.epochs, epoch_iters)
+    start_time = time.time()
+    for epoch in range(pos.epoch, args.epochs):
+        start_sample = pos.samples_in_epoch if epoch == pos.epoch else 0
+        run.loader.sampler.set_epoch(epoch, start_sample)
+
+        start_iter = start_sample // global_batch
+
+        def save_mid_epoch(done: int, epoch=epoch, start_sample=start_sample, start_iter=start_iter):
+            # Exact also when a resumed run changed the global batch mid-epoch.
+            run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
+
+        ctx = EpochContext(device=run.device, epoch=epoch, epoch_iters=epoch_iters, start_iter=start_iter, amp_dtype=run.amp_dtype,
+                           log_writer=run.log_writer, save_checkpoint=save_mid_epoch,
+                           save_every_steps=args.save_every_steps, train_mode=run.train_mode)
+        stats = train_one_epoch(run.model, run.compute_loss, run.loader, run.optimizer, run.scaler, args, ctx)
+        record = {f"train_{k}": v for k, v in stats.items()}
+        best, extra = False, None
+        if after_epoch is not None:
+            fields, best, extra = after_epoch(epoch)
+            record.update(fields)
+
+        numbered = epoch % args.save_every == 0 or epoch + 1 == args.epochs
+        run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
+                              numbered=numbered, best=best, extra=extra)
+        record["epoch"] = epoch
+        if args.output_dir and dist_util.is_main_process():
+            if run.log_writer is not None:
+                run.log_writer.flush()
+            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+    if run.log_writer is not None:
+        run.log_writer.close()

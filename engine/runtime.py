@@ -1,0 +1,71 @@
+"""Process, device and precision set-up shared by every training CLI."""
+import os
+
+import torch
+
+from util import dist as dist_util
+from util.errors import UserError
+from util.rng import seed_everything
+
+
+def resolve_amp(amp, device: torch.device):
+    """--amp -> autocast dtype (None: full fp32)."""
+    if amp is None:
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def check_args(args) -> None:
+    """Flag combinations that cannot work, reported before any work is done."""
+    for name in ("batch_size", "accum_iter", "epochs", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.save_every < 1:
+        raise UserError(f"--save_every must be at least 1, got {args.save_every}")
+    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
+        raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
+                        f"{args.accum_iter}: checkpoints are written between optimizer steps")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
+
+
+def setup_runtime(args) -> torch.device:
+    """Process group, logging, seeds and backend switches; returns the device."""
+    check_args(args)
+    dist_util.init_distributed_mode(args)
+    dist_util.setup_logging()
+    device = torch.device(args.device)
+    seed_everything(args.seed + dist_util.get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.output_dir and dist_util.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    return device
+
+
+def make_log_writer(args):
+    """Tensorboard writer on rank 0 when --log_dir is set."""
+    if not args.log_dir or not dist_util.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
+    os.makedirs(args.log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=args.log_dir)
+
+
+def wrap_for_training(model, args, device: torch.device):
+    """torch.compile (optional), then DDP when there are several processes.
+
+    Every parameter takes part in every step, so DDP runs without find_unused_parameters.
+    """
+    if args.compile:
+        model = torch.compile(model)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model

@@ -1,0 +1,59 @@
+"""ViT classifiers for fine-tuning and linear probing MAE encoders (official `models_vit`).
+
+timm's VisionTransformer already has the official head: global_pool averages the patch tokens
+(not the cls token) and applies fc_norm instead of the final norm, so the state-dict keys
+(`fc_norm.*` without `norm.*`, or `norm.*` with the cls token) match the released checkpoints.
+"""
+from functools import partial
+
+import torch.nn as nn
+import timm.models.vision_transformer as timm_vit
+
+from .registry import register_model
+
+
+class VisionTransformer(timm_vit.VisionTransformer):
+    """timm's VisionTransformer; global_pool=True (official default for fine-tuning) pools the
+    patch tokens, global_pool=False uses the cls token. timm's string values are accepted too."""
+
+    def __init__(self, global_pool=False, **kwargs):
+        if isinstance(global_pool, bool):
+            global_pool = "avg" if global_pool else "token"
+        super().__init__(global_pool=global_pool, **kwargs)
+
+    @property
+    def uses_global_pool(self) -> bool:
+        return self.global_pool == "avg"
+
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _vit(kwargs, **arch):
+    return VisionTransformer(**{**dict(mlp_ratio=4, qkv_bias=True, norm_layer=_LN), **arch, **kwargs})
+
+
+@register_model
+def vit_mini_patch16(**kwargs):
+    """The encoder of mae_vit_mini_patch16 (tests and CPU demos)."""
+    return _vit(kwargs, patch_size=16, embed_dim=128, depth=4, num_heads=4)
+
+
+@register_model
+def vit_tiny_patch16(**kwargs):
+    return _vit(kwargs, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+
+
+@register_model
+def vit_base_patch16(**kwargs):
+    return _vit(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model
+def vit_large_patch16(**kwargs):
+    return _vit(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+
+
+@register_model
+def vit_huge_patch14(**kwargs):
+    return _vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
