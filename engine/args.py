@@ -67,3 +67,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="do not resume from <output_dir>/checkpoint-last.pth when it exists")
     extra.add_argument("--skip_nonfinite", action="store_true",
                        help="skip optimizer steps whose loss is not finite instead of stopping")
+
+
+def add_classification_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
+    """Flags of the fine-tuning and linear-probing CLIs."""
+    parser.add_argument("--finetune", default="", help="initialise the encoder from this pretraining checkpoint")
+    parser.add_argument("--global_pool", action="store_true",
+                        help="average the patch tokens (then fc_norm) for the head")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="use the class token (after the final norm) for the head")
+    parser.set_defaults(global_pool=global_pool_default)
+    parser.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="only evaluate --resume on <data_path>/val")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="shard evaluation over the processes (each sample counted exactly once)")

@@ -189,3 +189,59 @@ def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
     where = f"epoch {pos.epoch}" + (f", sample {pos.samples_in_epoch} of the epoch" if pos.samples_in_epoch else "")
     log.info("Resumed from %s: continuing at %s", path, where)
     return pos
+
+
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
+    """--finetune: encoder weights from a pretraining checkpoint into a ViT classifier.
+
+    Accepts this project's checkpoints, official ones ({'model': ...}) and bare encoder state
+    dicts. Drops the decoder, resamples the position table to the model's patch grid, and
+    re-initialises the head (trunc_normal, std head_init_std). Only the head (and fc_norm with
+    global pooling) may be missing; anything else missing or unexpected is an error.
+    """
+    ckpt = load_checkpoint_file(path)
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(DECODER_PREFIXES)}
+    own = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in state and state[k].shape != own[k].shape:
+            del state[k]  # another number of classes
+    if model.uses_global_pool:
+        # The pretrained encoder's final norm is not used by the pooled head (fc_norm replaces it).
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model)
+        log.info("Resampled the position embedding of %s to a %dx%d patch grid", path, *model.patch_embed.grid_size)
+
+    allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if model.uses_global_pool
+                                                      else set())
+    missing = [k for k in own if k not in state and k not in allowed_missing]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and state[k].shape != own[k].shape]
+    problems = [f"{what}: {', '.join(keys[:6])}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("shape mismatch", shapes)) if keys]
+    if problems:
+        raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
+                        f"({'; '.join(problems)}): check that --model matches the pretrained encoder")
+    model.load_state_dict(state, strict=False)
+    torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    log.info("Loaded pre-trained encoder from %s", path)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, model) -> torch.Tensor:
+    """Bicubic resampling of the patch part of a (1, 1 + h*w, D) table (the official
+    interpolate_pos_embed: no antialiasing), keeping the cls row."""
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = model.num_prefix_tokens
+    old = int(round((pos_embed.shape[1] - prefix) ** 0.5))
+    if old * old != pos_embed.shape[1] - prefix:
+        raise UserError(f"cannot resample a position embedding of {pos_embed.shape[1] - prefix} patches "
+                        "(not a square grid)")
+    return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), old_size=[old, old],
+                                  num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)

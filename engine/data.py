@@ -6,9 +6,11 @@ processes, loader workers, or where a run was resumed: a 2-process run sees the 
 as a 1-process run with twice the batch, and a resumed run continues with the very batches the
 uninterrupted run would have seen.
 """
+import contextlib
 import logging
 import math
 import os
+import random
 import sys
 from typing import Iterator, Tuple
 
@@ -16,9 +18,11 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
+from util import dist as dist_util
 from util.errors import UserError
 
 log = logging.getLogger("mae")
@@ -33,6 +37,34 @@ def pretrain_transform(input_size: int) -> T.Compose:
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def finetune_transform(args, is_train: bool):
+    """The official fine-tuning augmentation (timm RandAugment, random erasing) and eval crop."""
+    if is_train:
+        return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                                re_mode=args.remode, re_count=args.recount,
+                                re_num_splits=2 if args.resplit else 0, mean=IMAGENET_DEFAULT_MEAN,
+                                std=IMAGENET_DEFAULT_STD)
+    return eval_transform(args.input_size)
+
+
+def linprobe_transform(input_size: int, is_train: bool):
+    """The official linear-probing augmentation: random resized crop and flip only."""
+    if is_train:
+        return T.Compose([T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return eval_transform(input_size)
+
+
+def eval_transform(input_size: int):
+    """Resize to input_size / 0.875 (up to 224; no margin above), then center crop."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return T.Compose([T.Resize(int(input_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(input_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
 def image_folder(data_path: str, split: str) -> ImageFolder:
@@ -91,12 +123,30 @@ class KeyedSamples(Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         img, target = self._load(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with keyed_rng(sample_seed(self.seed, epoch, index)):
             img = self.transform(img)
             if self.num_patches:
                 return img, target, torch.rand(self.num_patches)
         return img, target
+
+
+@contextlib.contextmanager
+def keyed_rng(seed: int):
+    """Seed torch, numpy and python RNGs for one sample, then restore the process's streams.
+
+    torchvision draws from torch, timm's RandAugment from python's random and numpy: all three
+    must be keyed, and none may disturb the training process's own RNG when num_workers=0.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class ResumableSampler(DistributedSampler):
@@ -148,3 +198,29 @@ def iters_per_epoch(loader: DataLoader) -> int:
     sampler: ResumableSampler = loader.sampler
     return (sampler.total_size // sampler.num_replicas) // loader.batch_size
 
+
+
+class ShardSampler(Sampler):
+    """Evaluation shards without padding: rank r takes samples r, r + W, ...
+
+    DistributedSampler pads with repeated samples so every rank has the same count; an exact
+    evaluation must count each sample once, so shards may differ by one and the metrics are
+    summed, not averaged, across ranks.
+    """
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter([(0, i) for i in self.indices])
+
+
+def build_eval_loader(dataset: KeyedSamples, batch_size: int, shard: bool, num_workers: int,
+                      pin_memory: bool) -> DataLoader:
+    """Every sample once; sharded over the processes with --dist_eval, else whole on each."""
+    world, rank = (dist_util.get_world_size(), dist_util.get_rank()) if shard else (1, 0)
+    return DataLoader(dataset, sampler=ShardSampler(len(dataset), world, rank), batch_size=batch_size,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False)

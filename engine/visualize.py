@@ -40,6 +40,7 @@ exactly MASK_GREY_U8 in all three channels.
 """
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -102,23 +103,38 @@ def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     return found
 
 
+def _unreadable(path: str, e: Exception) -> UserError:
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    return UserError(f"cannot read image {path} ({type(e).__name__}: {reason})")
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Read every file's header, so that a non-image fails at once, before any model work."""
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except Exception as e:  # PIL raises many types for unreadable or non-image files
+            raise _unreadable(path, e) from None
+
+
 def load_image(path: str, input_size: int) -> torch.Tensor:
     """One image as a normalised (3, input_size, input_size) tensor; grayscale/RGBA become RGB."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except Exception as e:  # PIL raises many types for unreadable, truncated or non-image files
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {reason})") from None
+        raise _unreadable(path, e) from None
     return image_transform(input_size)(img)
 
 
-def fixed_batch(source, input_size: int, n: Optional[int] = None) -> torch.Tensor:
+def fixed_batch(source, input_size: int, n: Optional[int] = None, skip_unreadable: bool = False) -> torch.Tensor:
     """The first n images of `source`, always the same ones, as a normalised (n, 3, S, S) batch.
 
     source: an image folder (searched recursively, sorted), an image file, a list of files and
     folders, or a torchvision ImageFolder (its own sample order: the first images of the dataset).
-    Fewer than n images available: all of them.
+    Fewer than n images available: all of them. An unreadable image raises UserError, or with
+    skip_unreadable=True is skipped with a warning on stderr (the next image takes its place).
     """
     if hasattr(source, "samples"):
         paths = [p for p, _ in source.samples]
@@ -126,11 +142,19 @@ def fixed_batch(source, input_size: int, n: Optional[int] = None) -> torch.Tenso
         paths = find_images([source])
     else:
         paths = find_images(list(source))
-    if n is not None:
-        paths = paths[:n]
-    if not paths:
-        raise UserError(f"no images to visualise in {source}")
-    return torch.stack([load_image(p, input_size) for p in paths])
+    batch = []
+    for path in paths:
+        if n is not None and len(batch) == n:
+            break
+        try:
+            batch.append(load_image(path, input_size))
+        except UserError as e:
+            if not skip_unreadable:
+                raise
+            print(f"warning: {e}; skipped for the reconstruction pictures", file=sys.stderr, flush=True)
+    if not batch:
+        raise UserError(f"no readable images to visualise in {source}")
+    return torch.stack(batch)
 
 
 def fixed_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:

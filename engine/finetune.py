@@ -1,0 +1,162 @@
+"""End-to-end fine-tuning and linear probing of MAE encoders, with evaluation.
+
+Both run on the pretraining engine: the same runtime set-up, sample-keyed data, epoch loop,
+checkpoints and exact resume. They differ in augmentation, optimizer and what is trained.
+"""
+import logging
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models
+from util import dist as dist_util
+from util.errors import UserError
+
+from . import checkpoint as ckpt_lib
+from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_transform, image_folder,
+                   linprobe_transform)
+from .evaluate import evaluate
+from .optim import LARS, param_groups_lrd
+from .runtime import make_log_writer, resolve_amp, setup_runtime, wrap_for_training
+from .trainer import TrainingRun, fit
+
+log = logging.getLogger("mae")
+
+
+def build_mixup(args):
+    active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not active:
+        return None
+    if args.batch_size % 2:
+        raise UserError(f"--mixup/--cutmix mix each batch with its reverse and need an even --batch_size, "
+                        f"got {args.batch_size}")
+    log.info("Mixup is activated!")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def classification_loss(criterion, mixup_fn, device):
+    def compute(model, batch):
+        samples = batch[0].to(device, non_blocking=True)
+        targets = batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        return criterion(model(samples), targets)
+    return compute
+
+
+def make_linear_probe(model) -> None:
+    """Official linear probe: BatchNorm (no affine) before the linear head; only the head trains."""
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
+                                     model.head)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
+
+
+def main(args, linprobe: bool = False) -> None:
+    device = setup_runtime(args)
+    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+
+    train_folder = image_folder(args.data_path, "train")
+    val_folder = image_folder(args.data_path, "val")
+    if train_folder.classes != val_folder.classes:
+        raise UserError(f"the class folders of {train_folder.root} and {val_folder.root} differ: "
+                        "train/ and val/ need the same class names")
+    if len(train_folder.classes) > args.nb_classes:
+        raise UserError(f"the dataset has {len(train_folder.classes)} classes but --nb_classes is "
+                        f"{args.nb_classes}: pass --nb_classes {len(train_folder.classes)}")
+    make_transform = (lambda train: linprobe_transform(args.input_size, train)) if linprobe else \
+        (lambda train: finetune_transform(args, train))
+    pin = args.pin_mem and device.type == "cuda"
+    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed), args.batch_size, world,
+                          rank, args.seed, args.num_workers, pin)
+    val_loader = build_eval_loader(KeyedSamples(val_folder, make_transform(False), args.seed), args.batch_size,
+                                   args.dist_eval, args.num_workers, pin)
+    log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
+             len(train_folder.classes))
+
+    kwargs = dict(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
+    if not linprobe:
+        kwargs["drop_path_rate"] = args.drop_path
+    try:
+        model = models.create_model(args.model, **kwargs)
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from None
+    if args.finetune and not args.eval:
+        ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
+    if linprobe:
+        make_linear_probe(model)
+    model.to(device)
+    log.info("Model = %s", model)
+    log.info("number of params (M): %.2f", sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+
+    eff_batch_size = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    log.info("base lr: %.2e", args.lr * 256 / eff_batch_size)
+    log.info("actual lr: %.2e", args.lr)
+    log.info("accumulate grad iterations: %d", args.accum_iter)
+    log.info("effective batch size: %d", eff_batch_size)
+
+    if linprobe:
+        optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                  layer_decay=args.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    log.info("Optimizer: %s", type(optimizer).__name__)
+    amp_dtype = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    mixup_fn = None if linprobe else build_mixup(args)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    elif not linprobe and args.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    log.info("criterion = %s", criterion)
+
+    if args.eval:
+        if not args.resume:
+            raise UserError("--eval needs --resume CHECKPOINT (the fine-tuned weights to evaluate)")
+        ckpt = ckpt_lib.load_checkpoint_file(args.resume)
+        ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume)
+        stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
+        log.info("Accuracy of the network on the %d test images: %.1f%%", stats["samples"], stats["acc1"])
+        dist_util.cleanup()
+        return
+
+    found = ckpt_lib.find_resume_checkpoint(args)
+    pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
+    best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
+    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last)
+
+    def after_epoch(epoch: int):
+        stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
+        log.info("Accuracy of the network on the %d test images: %.1f%%", stats["samples"], stats["acc1"])
+        is_best = stats["acc1"] > best["max_accuracy"]
+        best["max_accuracy"] = max(best["max_accuracy"], stats["acc1"])
+        log.info("Max accuracy: %.2f%%", best["max_accuracy"])
+        if run.log_writer is not None:
+            for k in ("acc1", "acc5", "loss"):
+                run.log_writer.add_scalar(f"perf/test_{k}", stats[k], epoch)
+        fields = {**{f"test_{k}": v for k, v in stats.items()}, "max_accuracy": best["max_accuracy"]}
+        return fields, is_best, {"max_accuracy": best["max_accuracy"]}
+
+    train_mode = None
+    if linprobe:
+        def train_mode():  # frozen encoder in eval mode; the BatchNorm head learns its statistics
+            model.eval()
+            model.head.train()
+
+    run = TrainingRun(model=wrap_for_training(model, args, device),
+                      compute_loss=classification_loss(criterion, mixup_fn, device), loader=loader,
+                      optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
+                      amp_dtype=amp_dtype, log_writer=make_log_writer(args), train_mode=train_mode)
+    fit(run, args, pos, after_epoch)
+    dist_util.cleanup()
