@@ -17,6 +17,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
+    parser.add_argument("--vis_every", default=0, type=int, metavar="N",
+                        help="draw reconstructions of the first 4 training images (fixed masks) every N epochs "
+                             "and after the last into <output_dir>/reconstructions/ and tensorboard (0: off)")
     add_training_args(parser)
     return parser
 

@@ -21,6 +21,8 @@ log = logging.getLogger("mae")
 def check_pretrain_args(args) -> None:
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    if getattr(args, "vis_every", 0) < 0:
+        raise UserError(f"--vis_every must be 0 (off) or a number of epochs, got {args.vis_every}")
 
 
 def mae_loss(mask_ratio: float, device: torch.device):
@@ -30,6 +32,32 @@ def mae_loss(mask_ratio: float, device: torch.device):
                            noise=noise.to(device, non_blocking=True))
         return loss
     return compute
+
+
+def reconstruction_hook(args, folder, model, log_writer):
+    """fit()'s after_epoch for --vis_every: on rank 0, pictures of the first 4 training images with
+    fixed masks (seed 0) every N epochs and after the last; None when off. `model` is the plain
+    module (not the DDP / compiled wrapper). A picture that cannot be written is a warning only."""
+    every = getattr(args, "vis_every", 0)
+    if not every:
+        return None
+    from .visualize import fixed_batch, fixed_noise, log_reconstructions
+    inputs = None
+    if dist_util.is_main_process() and (args.output_dir or log_writer is not None):
+        try:
+            imgs = fixed_batch(folder, args.input_size, 4, skip_unreadable=True)
+            inputs = (imgs, fixed_noise(len(imgs), model.patch_embed.num_patches, seed=0))
+        except UserError as e:
+            log.warning("warning: no reconstruction pictures: %s", e)
+
+    def after_epoch(epoch: int):
+        if inputs is not None and (epoch % every == 0 or epoch + 1 == args.epochs):
+            try:
+                log_reconstructions(model, *inputs, args.mask_ratio, epoch, args.output_dir, log_writer)
+            except OSError as e:
+                log.warning("warning: reconstruction picture of epoch %d not written: %s", epoch, e)
+        return {}, False, None
+    return after_epoch
 
 
 def main(args) -> None:
@@ -74,8 +102,9 @@ def main(args) -> None:
     pos = ckpt_lib.resume(ckpt_lib.find_resume_checkpoint(args), model, optimizer, scaler, args)
     checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last)
 
+    log_writer = make_log_writer(args)
     run = TrainingRun(model=wrap_for_training(model, args, device), compute_loss=mae_loss(args.mask_ratio, device),
                       loader=loader, optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
-                      amp_dtype=amp_dtype, log_writer=make_log_writer(args))
-    fit(run, args, pos)
+                      amp_dtype=amp_dtype, log_writer=log_writer)
+    fit(run, args, pos, after_epoch=reconstruction_hook(args, folder, model, log_writer))
     dist_util.cleanup()

@@ -342,7 +342,7 @@ def render_grid(results, titles: Optional[Sequence[str]] = None, path: Optional[
             row += 1
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        canvas.save(path, format="PNG", optimize=True)
+        canvas.save(path, format="PNG")
     return canvas
 
 

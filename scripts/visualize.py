@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from engine.checkpoint import load_model_weights  # noqa: E402
-from engine.visualize import (cat_results, find_images, fixed_noise, has_decoder, load_image,  # noqa: E402
-                              reconstruct, render_grid, take)
+from engine.visualize import (cat_results, check_images, find_images, fixed_noise,  # noqa: E402
+                              has_decoder, load_image, reconstruct, render_grid, take)
 from util.checkpoint_io import load_checkpoint_file  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -94,7 +94,7 @@ def training_size(state_dict: dict, recorded) -> int:
     return int(recorded or 224)
 
 
-def build_model(args, ckpt: dict):
+def build_model(args, ckpt: dict, device: torch.device):
     path = args.checkpoint
     sd = state_dict_of(ckpt, path)
     if not has_decoder(sd):
@@ -114,7 +114,9 @@ def build_model(args, ckpt: dict):
         print(f"note: --norm_pix_loss ignored: {path} records norm_pix_loss=False", file=sys.stderr)
     train_size = training_size(sd, saved.get("input_size"))
     try:
-        model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix)
+        # Built without memory or initialisation (every tensor is then loaded from the checkpoint).
+        with torch.device("meta"):
+            model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix)
     except ValueError as e:
         raise UserError(f"--model: {e}") from None
     except TypeError:
@@ -122,6 +124,11 @@ def build_model(args, ckpt: dict):
     if not isinstance(model, models.MaskedAutoencoderViT):
         raise UserError(f"model '{name}' is not a masked autoencoder: choose one of: "
                         f"{', '.join(models.list_models('mae_'))}")
+    own = model.state_dict()
+    if any(b not in own for b, _ in model.named_buffers()):  # non-persistent buffers: initialise normally
+        model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix).to(device)
+    else:
+        model = model.to_empty(device=device)
     load_model_weights(model, sd, path)
     return model, name, train_size
 
@@ -152,13 +159,13 @@ def main(args) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
     paths = find_images(args.images)
+    check_images(paths)
 
     ckpt = load_checkpoint_file(args.checkpoint)
-    model, name, train_size = build_model(args, ckpt)
+    model, name, train_size = build_model(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:
         raise UserError(f"--input_size {size} is not divisible by the patch size {model.patch_size}")
-    model.to(device)
     num_patches = (size // model.patch_size) ** 2
 
     titles = [os.path.basename(p) for p in paths]

@@ -66,28 +66,9 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
-def make_classification_set(root: Path, train_per_photo: int = 6, val_per_photo: int = 3, size: int = 80) -> Path:
-    """An easy two-class ImageFolder set from random crops of the bundled photos: colour vs
-    grayscale. Train and val hold different crops of the same photos; the last photo gives one
-    val crop less, so the val set (41 images) does not divide by 2 processes.
-    """
-    import random
-
-    rng = random.Random(0)
-    photos = sorted(PHOTOS.glob("*.jpg"))
-    for p in photos:
-        img = Image.open(p)
-        cls = "gray" if img.mode == "L" else "color"
-        for split, n in (("train", train_per_photo), ("val", val_per_photo - (p == photos[-1]))):
-            out = root / split / cls
-            out.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                side = rng.randint(min(img.size) // 3, min(img.size))
-                x, y = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
-                img.crop((x, y, x + side, y + side)).resize((size, size)).save(out / f"{p.stem}_{k}.jpg")
-    return root
-
-
 @pytest.fixture(scope="session")
 def two_classes(tmp_path_factory) -> Path:
-    return make_classification_set(tmp_path_factory.mktemp("two_classes"))
+    """Colour vs grayscale crops of the bundled photos; 41 val images."""
+    from make_sample_dataset import make_classification_set
+
+    return make_classification_set(tmp_path_factory.mktemp("two_classes"), task="color")
