@@ -33,6 +33,14 @@ def check_args(args) -> None:
         raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
 
 
+def configure_backends(device: torch.device) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA (fp32 training at tensor-core speed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def setup_runtime(args) -> torch.device:
     """Process group, logging, seeds and backend switches; returns the device."""
     check_args(args)
@@ -40,10 +48,7 @@ def setup_runtime(args) -> torch.device:
     dist_util.setup_logging()
     device = torch.device(args.device)
     seed_everything(args.seed + dist_util.get_rank())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)
     if args.output_dir and dist_util.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
     return device

@@ -10,10 +10,11 @@ accumulation), on synthetic data and on whatever device is chosen (CPU or CUDA, 
     scaler.step(optimizer); scaler.update(); optimizer.zero_grad(set_to_none=True)
 
 with AdamW(param_groups_weight_decay(model, 0.05), betas=(0.9, 0.95), fused on CUDA), the
-engine's autocast resolution (engine.pretrain.resolve_amp: bf16 on CUDA when supported, else
-fp16; none on CPU) and the engine's CUDA backend switches (cudnn.benchmark, TF32). The data
-loader is not part of the measurement. The device is synchronised only around the timed region
-(--iters steps), never inside a step, so the GPU queue stays as full as in training.
+engine's autocast resolution (engine.runtime.resolve_amp: bf16 on CUDA when supported, else
+fp16; none on CPU) and the CUDA backend switches of engine.runtime.setup_runtime
+(cudnn.benchmark, TF32). The data loader is not part of the measurement. The device is
+synchronised only around the timed region (--iters steps), never inside a step, so the GPU
+queue stays as full as in training.
 
 Reported per run: images/s and seconds/step (median over --repeats), the analytic model FLOPs
 of one step (mae_train_flops), the achieved FLOP/s, a matmul peak measured in the same process
@@ -48,7 +49,8 @@ import timm  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models  # noqa: E402
-from engine.pretrain import mae_loss, resolve_amp  # noqa: E402
+from engine.pretrain import mae_loss  # noqa: E402
+from engine.runtime import configure_backends, resolve_amp  # noqa: E402
 from engine.trainer import grad_total_norm  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -262,6 +264,9 @@ def check_args(args) -> torch.device:
         raise UserError(f"--device {args.device!r}: only cuda and cpu are supported")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if args.compile and args.warmup < 1:
+        print("# warning: --compile with --warmup 0: compilation falls in the first timed repeat",
+              file=sys.stderr)
     return device
 
 
@@ -271,10 +276,7 @@ def run_benchmark(args) -> Dict:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # The backend switches of engine.pretrain.setup_runtime.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)
     amp_dtype = resolve_amp(args.amp, device)
     compute_dtype = amp_dtype or torch.float32
     torch.manual_seed(args.seed)
@@ -283,6 +285,11 @@ def run_benchmark(args) -> Dict:
         model = models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     except ValueError as e:
         raise UserError(f"--model: {e}") from None
+    except TypeError:  # a registered model of another kind (e.g. a ViT classifier)
+        model = None
+    if not isinstance(model, models.MaskedAutoencoderViT):
+        raise UserError(f"--model {args.model} is not an MAE pretraining model; choose one of: "
+                        f"{', '.join(models.list_models('mae_'))}")
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
 
