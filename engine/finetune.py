@@ -18,7 +18,7 @@ from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_trans
                    linprobe_transform)
 from .evaluate import evaluate
 from .optim import LARS, param_groups_lrd
-from .runtime import make_log_writer, resolve_amp, setup_runtime, wrap_for_training
+from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -94,13 +94,7 @@ def main(args, linprobe: bool = False) -> None:
     log.info("Model = %s", model)
     log.info("number of params (M): %.2f", sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
 
-    eff_batch_size = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    log.info("base lr: %.2e", args.lr * 256 / eff_batch_size)
-    log.info("actual lr: %.2e", args.lr)
-    log.info("accumulate grad iterations: %d", args.accum_iter)
-    log.info("effective batch size: %d", eff_batch_size)
+    resolve_lr(args)
 
     if linprobe:
         optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -148,15 +142,14 @@ def main(args, linprobe: bool = False) -> None:
         fields = {**{f"test_{k}": v for k, v in stats.items()}, "max_accuracy": best["max_accuracy"]}
         return fields, is_best, {"max_accuracy": best["max_accuracy"]}
 
-    train_mode = None
-    if linprobe:
-        def train_mode():  # frozen encoder in eval mode; the BatchNorm head learns its statistics
-            model.eval()
-            model.head.train()
+    def linprobe_train_mode():  # frozen encoder in eval mode; the BatchNorm head learns its statistics
+        model.eval()
+        model.head.train()
 
     run = TrainingRun(model=wrap_for_training(model, args, device),
                       compute_loss=classification_loss(criterion, mixup_fn, device), loader=loader,
                       optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
-                      amp_dtype=amp_dtype, log_writer=make_log_writer(args), train_mode=train_mode)
+                      amp_dtype=amp_dtype, log_writer=make_log_writer(args),
+                      train_mode=linprobe_train_mode if linprobe else None)
     fit(run, args, pos, after_epoch)
     dist_util.cleanup()

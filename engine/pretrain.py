@@ -12,7 +12,7 @@ from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
 from .data import KeyedSamples, build_loader, image_folder, pretrain_transform
-from .runtime import make_log_writer, resolve_amp, setup_runtime, wrap_for_training
+from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -21,7 +21,7 @@ log = logging.getLogger("mae")
 def check_pretrain_args(args) -> None:
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
-    if getattr(args, "vis_every", 0) < 0:
+    if args.vis_every < 0:
         raise UserError(f"--vis_every must be 0 (off) or a number of epochs, got {args.vis_every}")
 
 
@@ -38,7 +38,7 @@ def reconstruction_hook(args, folder, model, log_writer):
     """fit()'s after_epoch for --vis_every: on rank 0, pictures of the first 4 training images with
     fixed masks (seed 0) every N epochs and after the last; None when off. `model` is the plain
     module (not the DDP / compiled wrapper). A picture that cannot be written is a warning only."""
-    every = getattr(args, "vis_every", 0)
+    every = args.vis_every
     if not every:
         return None
     from .visualize import fixed_batch, fixed_noise, log_reconstructions
@@ -82,13 +82,7 @@ def main(args) -> None:
 
     model.to(device)
     log.info("Model = %s", model)
-    eff_batch_size = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    log.info("base lr: %.2e", args.lr * 256 / eff_batch_size)
-    log.info("actual lr: %.2e", args.lr)
-    log.info("accumulate grad iterations: %d", args.accum_iter)
-    log.info("effective batch size: %d", eff_batch_size)
+    resolve_lr(args)
 
     # Weight decay on all but biases and norm weights (1-D); the official recipe keeps it on
     # cls_token and mask_token.

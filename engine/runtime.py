@@ -1,4 +1,5 @@
 """Process, device and precision set-up shared by every training CLI."""
+import logging
 import os
 
 import torch
@@ -6,6 +7,8 @@ import torch
 from util import dist as dist_util
 from util.errors import UserError
 from util.rng import seed_everything
+
+log = logging.getLogger("mae")
 
 
 def resolve_amp(amp, device: torch.device):
@@ -52,6 +55,17 @@ def setup_runtime(args) -> torch.device:
     if args.output_dir and dist_util.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
     return device
+
+
+def resolve_lr(args) -> None:
+    """args.lr = blr * effective batch / 256 unless --lr was given (the official scaling rule)."""
+    eff_batch_size = args.batch_size * args.accum_iter * dist_util.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    log.info("base lr: %.2e", args.lr * 256 / eff_batch_size)
+    log.info("actual lr: %.2e", args.lr)
+    log.info("accumulate grad iterations: %d", args.accum_iter)
+    log.info("effective batch size: %d", eff_batch_size)
 
 
 def make_log_writer(args):

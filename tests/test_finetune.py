@@ -1,7 +1,6 @@
 """Fine-tuning, linear probing and evaluation (models/vit.py, engine/finetune.py)."""
 import json
 import re
-from functools import partial
 
 import pytest
 import torch
