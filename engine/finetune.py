@@ -19,6 +19,7 @@ from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_trans
 from .evaluate import evaluate
 from .optim import LARS, param_groups_lrd
 from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
+from .preemption import StopRequest
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -150,6 +151,6 @@ def main(args, linprobe: bool = False) -> None:
                       compute_loss=classification_loss(criterion, mixup_fn, device), loader=loader,
                       optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
                       amp_dtype=amp_dtype, log_writer=make_log_writer(args),
-                      train_mode=linprobe_train_mode if linprobe else None)
+                      train_mode=linprobe_train_mode if linprobe else None, stop=StopRequest().install())
     fit(run, args, pos, after_epoch)
     dist_util.cleanup()

@@ -13,6 +13,7 @@ from util.errors import UserError
 from . import checkpoint as ckpt_lib
 from .data import KeyedSamples, build_loader, image_folder, pretrain_transform
 from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
+from .preemption import StopRequest
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -99,6 +100,6 @@ def main(args) -> None:
     log_writer = make_log_writer(args)
     run = TrainingRun(model=wrap_for_training(model, args, device), compute_loss=mae_loss(args.mask_ratio, device),
                       loader=loader, optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
-                      amp_dtype=amp_dtype, log_writer=log_writer)
+                      amp_dtype=amp_dtype, log_writer=log_writer, stop=StopRequest().install())
     fit(run, args, pos, after_epoch=reconstruction_hook(args, folder, model, log_writer))
     dist_util.cleanup()

@@ -23,6 +23,7 @@ from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 
 from .data import iters_per_epoch
 from .lr_sched import adjust_learning_rate
+from .preemption import StopRequest
 
 log = logging.getLogger("mae")
 
@@ -40,6 +41,7 @@ class EpochContext:
     save_every_steps: int = 0
     # Puts the model in training mode (linear probing keeps the frozen encoder in eval mode).
     train_mode: Optional[Callable[[], None]] = None
+    stop: Optional[StopRequest] = None
 
 
 def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
@@ -131,10 +133,15 @@ def train_one_epoch(model, compute_loss: Callable, data_loader, optimizer, scale
         if done % args.print_freq == 0 or done == ctx.epoch_iters:
             watch.check(epoch)
             _report(meters, timer, ctx, done, width, lr, global_batch)
-        if (step_now and ctx.save_every_steps and done % ctx.save_every_steps == 0
-                and done < ctx.epoch_iters and ctx.save_checkpoint is not None):
+        if not step_now or done == ctx.epoch_iters:
+            continue  # the end of the epoch is saved by fit()
+        periodic = ctx.save_every_steps and done % ctx.save_every_steps == 0
+        stopping = ctx.stop is not None and ctx.stop.agreed()
+        if (periodic or stopping) and ctx.save_checkpoint is not None:
             watch.check(epoch)  # never write a checkpoint with non-finite weights
             ctx.save_checkpoint(done)
+        if stopping:
+            ctx.stop.stop(f"at epoch {epoch}, iteration {done}")
 
     watch.check(epoch)
     stats = meters.read_total()
@@ -182,6 +189,7 @@ class TrainingRun:
     amp_dtype: Optional[torch.dtype] = None
     log_writer: Optional[object] = None
     train_mode: Optional[Callable[[], None]] = None
+    stop: Optional[StopRequest] = None
 
 
 def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> None:
@@ -206,7 +214,7 @@ def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> 
 
         ctx = EpochContext(device=run.device, epoch=epoch, epoch_iters=epoch_iters, start_iter=start_iter, amp_dtype=run.amp_dtype,
                            log_writer=run.log_writer, save_checkpoint=save_mid_epoch,
-                           save_every_steps=args.save_every_steps, train_mode=run.train_mode)
+                           save_every_steps=args.save_every_steps, train_mode=run.train_mode, stop=run.stop)
         stats = train_one_epoch(run.model, run.compute_loss, run.loader, run.optimizer, run.scaler, args, ctx)
         record = {f"train_{k}": v for k, v in stats.items()}
         best, extra = False, None
@@ -223,6 +231,8 @@ def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> 
                 run.log_writer.flush()
             with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if run.stop is not None and epoch + 1 < args.epochs and run.stop.agreed():
+            run.stop.stop(f"after epoch {epoch}")
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

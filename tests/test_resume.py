@@ -108,11 +108,19 @@ def test_kill9_mid_epoch_resume_is_bit_identical(photos, uninterrupted, tmp_path
     assert_identical(uninterrupted / "checkpoint-2.pth", tmp_path / "checkpoint-2.pth")
 
 
-def test_kill9_torchrun_two_processes_resume_is_bit_identical(photos, tmp_path):
-    args = [*MINI, "--batch_size", 1, "--epochs", 2, "--save_every_steps", 2, "--print_freq", 1,
+@pytest.fixture(scope="module")
+def uninterrupted_2proc(photos, tmp_path_factory):
+    """2 processes with batch 1: the same data per step as RUN, but all-reduced gradients."""
+    out = tmp_path_factory.mktemp("uninterrupted_2proc")
+    assert_ok(pretrain([*MINI, "--batch_size", 1, "--epochs", 3, "--data_path", photos, "--output_dir", out],
+                       nproc=2))
+    return out
+
+
+def test_kill9_torchrun_two_processes_resume_is_bit_identical(photos, uninterrupted_2proc, tmp_path):
+    args = [*MINI, "--batch_size", 1, "--epochs", 3, "--save_every_steps", 2, "--print_freq", 1,
             "--data_path", photos]
-    ref = tmp_path / "ref"
-    assert_ok(pretrain([*args, "--output_dir", ref], nproc=2))
+    ref = uninterrupted_2proc
     out = tmp_path / "killed"
     run_and_kill([*args, "--output_dir", out], r"Epoch: \[0\]  \[3/7\]", nproc=2)
     done = mid_epoch_position(out, epoch=0)
@@ -195,3 +203,48 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(photos, tmp_path):
     proc = pretrain([*base, "--epochs", 3, "--lr", "1e30", "--skip_nonfinite"])
     assert_ok(proc)
     assert "optimizer step skipped" in proc.stderr
+
+
+def run_and_signal(args, pattern: str, sig, nproc: int = 1, timeout: float = 240):
+    """Start the CLI and send `sig` to the training processes (not torchrun) once stdout matches."""
+    proc = subprocess.Popen(main_cmd("main_pretrain.py", args, nproc), cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        out.append(line)
+        if re.search(pattern, line):
+            # The training processes: the CLI itself, or torchrun's direct children.
+            targets = [proc.pid] if nproc == 1 else [p for p in descendants(proc.pid) if _parent(p) == proc.pid]
+            assert len(targets) == nproc, targets
+            for p in targets:
+                os.kill(p, sig)
+            break
+        assert time.time() < deadline, "timed out waiting for " + pattern
+    out.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    return proc.returncode, "".join(out)
+
+
+def _parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("sig, nproc", [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
+def test_signal_writes_checkpoint_then_resume_is_bit_identical(photos, uninterrupted, uninterrupted_2proc,
+                                                               tmp_path, sig, nproc):
+    """SLURM's preemption / time-limit signal: finish the step, save, stop; resuming loses nothing."""
+    batch = 2 // nproc
+    args = [*MINI, "--batch_size", batch, "--epochs", 3, "--print_freq", 1, "--data_path", photos,
+            "--output_dir", tmp_path, "--num_workers", 1]
+    code, out = run_and_signal(args, r"Epoch: \[1\]  \[2/7\]", sig, nproc)
+    name = signal.Signals(sig).name
+    assert (code == 75) if nproc == 1 else (code != 0), out[-2000:]
+    m = re.search(rf"stopped by {name} at epoch 1, iteration (\d)", out)
+    assert m, out[-2000:]
+    ckpt = load(tmp_path / "checkpoint-last.pth")
+    assert (ckpt["epoch"], ckpt["epoch_iter"]) == (1, int(m.group(1)))  # no --save_every_steps: written on the signal
+    proc = pretrain(args, nproc=nproc)
+    assert_ok(proc)
+    assert f"continuing at epoch 1, sample {2 * int(m.group(1))} of the epoch" in proc.stdout
+    ref = uninterrupted if nproc == 1 else uninterrupted_2proc
+    assert_identical(ref / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")

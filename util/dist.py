@@ -10,6 +10,14 @@ import torch
 import torch.distributed as dist
 
 
+_CPU_GROUP = None
+
+
+def cpu_group():
+    """Process group for small CPU tensors (None: the default group, when it is gloo)."""
+    return _CPU_GROUP
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -82,6 +90,9 @@ def init_distributed_mode(args) -> None:
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", local)
     dist.init_process_group(**kwargs)
+    global _CPU_GROUP
+    # Control messages (e.g. "stop now") travel over gloo so they never wait on the GPU stream.
+    _CPU_GROUP = dist.new_group(backend="gloo") if args.dist_backend != "gloo" else None
     dist.barrier()
 
 
