@@ -21,10 +21,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from functools import partial
-
-    from engine.finetune import main
+    from engine.finetune import linprobe_main
     from util.cli import run_cli
 
     parser = argparse.ArgumentParser("MAE linear probing for image classification", parents=[get_args_parser()])
-    sys.exit(run_cli(partial(main, linprobe=True), parser.parse_args()))
+    sys.exit(run_cli(linprobe_main, parser.parse_args()))

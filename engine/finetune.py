@@ -154,3 +154,7 @@ def main(args, linprobe: bool = False) -> None:
                       train_mode=linprobe_train_mode if linprobe else None, stop=StopRequest().install())
     fit(run, args, pos, after_epoch)
     dist_util.cleanup()
+
+
+def linprobe_main(args) -> None:
+    main(args, linprobe=True)

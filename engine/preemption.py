@@ -1,7 +1,8 @@
 """Stop cleanly on SIGUSR1 / SIGTERM: finish the step, write checkpoint-last, then hand over.
 
-SLURM signals every task of a job before preempting it or at its time limit (submitit asks for
-SIGUSR1 `slurm_signal_delay_s` seconds ahead). The handler only records the signal; the training
+SLURM signals every task of a job ahead of its time limit (submitit asks for SIGUSR2
+`slurm_signal_delay_s` seconds ahead; `scancel --signal=USR1` does it by hand) and sends SIGTERM
+before preempting or cancelling it. The handler only records the signal; the training
 loop notices it between optimizer steps, all ranks agree on the same step (one tiny all-reduce
 on a CPU group per step), checkpoint-last is written for that position, and then the handler
 that was installed before ours runs: under submitit that is its requeue logic on rank 0.
@@ -17,7 +18,9 @@ from util.errors import TrainingStopped
 
 log = logging.getLogger("mae")
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# submitit asks SLURM for SIGUSR2; plain sbatch scripts (and people) tend to use SIGUSR1.
+USER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (*USER_SIGNALS, signal.SIGTERM)
 
 
 class Preempted(TrainingStopped):
@@ -60,6 +63,9 @@ class StopRequest:
         name = signal.Signals(self.signum).name
         log.warning("warning: %s received: stopped %s after writing checkpoint-last.pth", name, where)
         previous = self._previous.get(self.signum)
+        if not callable(previous) and self.signum in USER_SIGNALS:
+            # Either user signal means "requeue" to a launcher that listens for the other one.
+            previous = next((h for sig, h in self._previous.items() if sig in USER_SIGNALS and callable(h)), None)
         if callable(previous):
             previous(self.signum, None)
         raise Preempted(f"stopped by {name} {where}; checkpoint-last.pth is written: "
