@@ -126,3 +126,37 @@ def test_finetune_job(cluster, two_classes, tmp_path):
     wait_for(lambda: finished(folder), 180, "job completion", folder)
     assert "Accuracy of the network on the 41 test images" in log_of(folder)
     assert (folder / "checkpoint-best.pth").exists()
+
+
+def test_plain_sbatch_script_requeues_itself_and_resumes(cluster, images, tmp_path):
+    """scripts/pretrain.sbatch without submitit: srun ranks from SLURM_*, exit 75 on the signal, requeue."""
+    out = tmp_path / "out"
+    env = cli_env()
+    # The script adds --data_path, --output_dir and --log_dir itself.
+    train_args = "--model mae_vit_mini_patch16 --input_size 96 --num_workers 0 --warmup_epochs 1 " \
+                 "--batch_size 2 --print_freq 1 --device cpu --epochs 2"
+    env.update(IMAGENET=str(images), OUTPUT_DIR=str(out), TRAIN_ARGS=train_args)
+    # Command-line options override the script's #SBATCH lines: a CPU-sized job on the test cluster.
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+                           "--cpus-per-task=1", "--mem=2G", "--time=30", f"--chdir={REPO}",
+                           f"--output={tmp_path}/job.out", str(REPO / "scripts" / "pretrain.sbatch")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log = tmp_path / "job.out"
+
+    def text():
+        return log.read_text() if log.exists() else ""
+
+    deadline = time.time() + 180
+    while not re.search(rf"Epoch: \[0\]  \[ 3/{ITERS}\]", text()):
+        assert time.time() < deadline and "srun: error" not in text(), text()[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    deadline = time.time() + 300
+    while (out / "log.txt").read_text().count("\n") < 2 if (out / "log.txt").exists() else True:
+        assert time.time() < deadline, text()[-3000:]
+        time.sleep(0.5)
+    t = text()
+    assert "requeueing job" in t and "restart 1" in t
+    assert re.search(r"continuing at epoch 0, sample \d+ of the epoch", t)
