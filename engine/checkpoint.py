@@ -135,26 +135,22 @@ def find_resume_checkpoint(args) -> Optional[dict]:
     return None
 
 
+def mismatch_report(own: dict, state: dict, allowed_missing=()) -> str:
+    """'missing keys: ...; unexpected keys: ...; shape mismatch: ...' (empty when they fit)."""
+    missing = [k for k in own if k not in state and k not in allowed_missing]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    return "; ".join(f"{what}: {', '.join(keys[:6])}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatch", shapes)) if keys)
+
+
 def load_model_weights(model, state_dict: dict, source: str) -> None:
     """Strict load with a one-line error naming the mismatching keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-
-    def short(keys):
-        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {short(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {short(shapes)}")
+    problems = mismatch_report(model.state_dict(), state_dict)
     if problems:
-        raise UserError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}): "
+        raise UserError(f"checkpoint {source} does not fit the model ({problems}): "
                         "check --model/--input_size against the checkpoint")
     model.load_state_dict(state_dict)
 
@@ -218,16 +214,10 @@ def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
 
     allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if model.uses_global_pool
                                                       else set())
-    missing = [k for k in own if k not in state and k not in allowed_missing]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-              if k in own and state[k].shape != own[k].shape]
-    problems = [f"{what}: {', '.join(keys[:6])}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                   ("shape mismatch", shapes)) if keys]
+    problems = mismatch_report(own, state, allowed_missing)
     if problems:
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
-                        f"({'; '.join(problems)}): check that --model matches the pretrained encoder")
+                        f"({problems}): check that --model matches the pretrained encoder")
     model.load_state_dict(state, strict=False)
     torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)

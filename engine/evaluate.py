@@ -40,4 +40,5 @@ def evaluate(model, loader, device: torch.device, amp_dtype=None, sharded: bool 
     n = max(n, 1.0)
     stats = {"loss": loss_sum / n, "acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "samples": int(n)}
     log.info("* Acc@1 %.3f Acc@5 %.3f loss %.3f", stats["acc1"], stats["acc5"], stats["loss"])
+    log.info("Accuracy of the network on the %d test images: %.1f%%", stats["samples"], stats["acc1"])
     return stats

@@ -18,8 +18,8 @@ from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_trans
                    linprobe_transform)
 from .evaluate import evaluate
 from .optim import LARS, param_groups_lrd
-from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .preemption import StopRequest
+from .runtime import build_model, make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -83,10 +83,7 @@ def main(args, linprobe: bool = False) -> None:
     kwargs = dict(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
     if not linprobe:
         kwargs["drop_path_rate"] = args.drop_path
-    try:
-        model = models.create_model(args.model, **kwargs)
-    except ValueError as e:
-        raise UserError(f"--model: {e}") from None
+    model = build_model(args.model, models.VisionTransformer, **kwargs)
     if args.finetune and not args.eval:
         ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
     if linprobe:
@@ -121,8 +118,7 @@ def main(args, linprobe: bool = False) -> None:
             raise UserError("--eval needs --resume CHECKPOINT (the fine-tuned weights to evaluate)")
         ckpt = ckpt_lib.load_checkpoint_file(args.resume)
         ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume)
-        stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
-        log.info("Accuracy of the network on the %d test images: %.1f%%", stats["samples"], stats["acc1"])
+        evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
         dist_util.cleanup()
         return
 
@@ -133,7 +129,6 @@ def main(args, linprobe: bool = False) -> None:
 
     def after_epoch(epoch: int):
         stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
-        log.info("Accuracy of the network on the %d test images: %.1f%%", stats["samples"], stats["acc1"])
         is_best = stats["acc1"] > best["max_accuracy"]
         best["max_accuracy"] = max(best["max_accuracy"], stats["acc1"])
         log.info("Max accuracy: %.2f%%", best["max_accuracy"])

@@ -12,7 +12,7 @@ from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
 from .data import KeyedSamples, build_loader, image_folder, pretrain_transform
-from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
+from .runtime import build_model, make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .preemption import StopRequest
 from .trainer import TrainingRun, fit
 
@@ -68,10 +68,8 @@ def main(args) -> None:
     log.info("job dir: %s", os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     log.info("%s", json.dumps(ckpt_lib.plain_args(args), indent=1))
 
-    try:
-        model = models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    except ValueError as e:
-        raise UserError(f"--model: {e}") from None
+    model = build_model(args.model, models.MaskedAutoencoderViT, img_size=args.input_size,
+                        norm_pix_loss=args.norm_pix_loss)
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
 

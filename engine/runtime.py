@@ -4,6 +4,7 @@ import os
 
 import torch
 
+import models
 from util import dist as dist_util
 from util.errors import UserError
 from util.rng import seed_everything
@@ -87,4 +88,23 @@ def wrap_for_training(model, args, device: torch.device):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+_FAMILIES = {models.MaskedAutoencoderViT: ("mae_", "an MAE pretraining model"),
+             models.VisionTransformer: ("vit_", "a ViT classifier")}
+
+
+def build_model(name: str, family: type, **kwargs):
+    """models.create_model(name, **kwargs) with one-line errors for an unknown name or a model of
+    another family (e.g. a classifier name given to pretraining), listing the right choices."""
+    prefix, what = _FAMILIES[family]
+    try:
+        model = models.create_model(name, **kwargs)
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from None
+    except TypeError:  # a model of another family rejects this family's arguments
+        model = None
+    if not isinstance(model, family):
+        raise UserError(f"--model {name} is not {what}; choose one of: {', '.join(models.list_models(prefix))}")
     return model

@@ -205,15 +205,14 @@ def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> 
     for epoch in range(pos.epoch, args.epochs):
         start_sample = pos.samples_in_epoch if epoch == pos.epoch else 0
         run.loader.sampler.set_epoch(epoch, start_sample)
-
         start_iter = start_sample // global_batch
 
         def save_mid_epoch(done: int, epoch=epoch, start_sample=start_sample, start_iter=start_iter):
             # Exact also when a resumed run changed the global batch mid-epoch.
             run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
 
-        ctx = EpochContext(device=run.device, epoch=epoch, epoch_iters=epoch_iters, start_iter=start_iter, amp_dtype=run.amp_dtype,
-                           log_writer=run.log_writer, save_checkpoint=save_mid_epoch,
+        ctx = EpochContext(device=run.device, epoch=epoch, epoch_iters=epoch_iters, start_iter=start_iter,
+                           amp_dtype=run.amp_dtype, log_writer=run.log_writer, save_checkpoint=save_mid_epoch,
                            save_every_steps=args.save_every_steps, train_mode=run.train_mode, stop=run.stop)
         stats = train_one_epoch(run.model, run.compute_loss, run.loader, run.optimizer, run.scaler, args, ctx)
         record = {f"train_{k}": v for k, v in stats.items()}

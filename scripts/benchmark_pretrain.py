@@ -50,7 +50,7 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models  # noqa: E402
 from engine.pretrain import mae_loss  # noqa: E402
-from engine.runtime import configure_backends, resolve_amp  # noqa: E402
+from engine.runtime import build_model, configure_backends, resolve_amp  # noqa: E402
 from engine.trainer import grad_total_norm  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -281,15 +281,8 @@ def run_benchmark(args) -> Dict:
     compute_dtype = amp_dtype or torch.float32
     torch.manual_seed(args.seed)
 
-    try:
-        model = models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    except ValueError as e:
-        raise UserError(f"--model: {e}") from None
-    except TypeError:  # a registered model of another kind (e.g. a ViT classifier)
-        model = None
-    if not isinstance(model, models.MaskedAutoencoderViT):
-        raise UserError(f"--model {args.model} is not an MAE pretraining model; choose one of: "
-                        f"{', '.join(models.list_models('mae_'))}")
+    model = build_model(args.model, models.MaskedAutoencoderViT, img_size=args.input_size,
+                        norm_pix_loss=args.norm_pix_loss)
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
 

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from engine.checkpoint import load_model_weights  # noqa: E402
+from engine.runtime import build_model  # noqa: E402
 from engine.visualize import (cat_results, check_images, find_images, fixed_noise,  # noqa: E402
                               has_decoder, load_image, reconstruct, render_grid, take)
 from util.checkpoint_io import load_checkpoint_file  # noqa: E402
@@ -94,7 +95,7 @@ def training_size(state_dict: dict, recorded) -> int:
     return int(recorded or 224)
 
 
-def build_model(args, ckpt: dict, device: torch.device):
+def model_from_checkpoint(args, ckpt: dict, device: torch.device):
     path = args.checkpoint
     sd = state_dict_of(ckpt, path)
     if not has_decoder(sd):
@@ -113,17 +114,9 @@ def build_model(args, ckpt: dict, device: torch.device):
     if args.norm_pix_loss and not norm_pix:
         print(f"note: --norm_pix_loss ignored: {path} records norm_pix_loss=False", file=sys.stderr)
     train_size = training_size(sd, saved.get("input_size"))
-    try:
-        # Built without memory or initialisation (every tensor is then loaded from the checkpoint).
-        with torch.device("meta"):
-            model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix)
-    except ValueError as e:
-        raise UserError(f"--model: {e}") from None
-    except TypeError:
-        model = None
-    if not isinstance(model, models.MaskedAutoencoderViT):
-        raise UserError(f"model '{name}' is not a masked autoencoder: choose one of: "
-                        f"{', '.join(models.list_models('mae_'))}")
+    # Built without memory or initialisation (every tensor is then loaded from the checkpoint).
+    with torch.device("meta"):
+        model = build_model(name, models.MaskedAutoencoderViT, img_size=train_size, norm_pix_loss=norm_pix)
     own = model.state_dict()
     if any(b not in own for b, _ in model.named_buffers()):  # non-persistent buffers: initialise normally
         model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix).to(device)
@@ -162,7 +155,7 @@ def main(args) -> None:
     check_images(paths)
 
     ckpt = load_checkpoint_file(args.checkpoint)
-    model, name, train_size = build_model(args, ckpt, device)
+    model, name, train_size = model_from_checkpoint(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:
         raise UserError(f"--input_size {size} is not divisible by the patch size {model.patch_size}")
