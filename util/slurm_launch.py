@@ -70,8 +70,8 @@ def executor_parameters(args) -> dict:
 class Trainer:
     """What each task of the job runs; submitit pickles it and calls it again after a requeue."""
 
-    def __init__(self, entry: str, args, repo: str):
-        self.entry, self.args, self.repo = entry, args, repo
+    def __init__(self, entry: str, args):
+        self.entry, self.args = entry, args
 
     def __call__(self):
         import submitit
@@ -104,7 +104,7 @@ class Trainer:
         import submitit
 
         print("Requeuing the job; it will resume from checkpoint-last.pth", flush=True)
-        return submitit.helpers.DelayedSubmission(type(self)(self.entry, self.args, self.repo))
+        return submitit.helpers.DelayedSubmission(type(self)(self.entry, self.args))
 
 
 def launch(parser: argparse.ArgumentParser, entry: str, job_name: str, argv=None) -> int:
@@ -116,7 +116,6 @@ def launch(parser: argparse.ArgumentParser, entry: str, job_name: str, argv=None
     parser.set_defaults(device="cuda")
     args = parser.parse_args(argv)
     args.job_name = job_name
-    repo = str(Path(__file__).resolve().parents[1])
     args.job_dir = os.path.abspath(args.job_dir or os.path.join("jobs", "%j"))
     # The official launchers default the outputs to the job folder too.
     if args.output_dir == parser.get_default("output_dir"):
@@ -139,7 +138,7 @@ def launch(parser: argparse.ArgumentParser, entry: str, job_name: str, argv=None
         return 0
     executor = submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)
-    job = executor.submit(Trainer(entry, args, repo))
+    job = executor.submit(Trainer(entry, args))
     print(f"Submitted job_id: {job.job_id}")
     print(f"logs: {args.job_dir.replace('%j', str(job.job_id))}")
     return 0
