@@ -83,7 +83,7 @@ def main(args, linprobe: bool = False) -> None:
     kwargs = dict(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
     if not linprobe:
         kwargs["drop_path_rate"] = args.drop_path
-    model = build_model(args.model, models.VisionTransformer, **kwargs)
+    model = build_model(args.model, "classify", **kwargs)
     if args.finetune and not args.eval:
         ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
     if linprobe:

@@ -68,7 +68,7 @@ def main(args) -> None:
     log.info("job dir: %s", os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     log.info("%s", json.dumps(ckpt_lib.plain_args(args), indent=1))
 
-    model = build_model(args.model, models.MaskedAutoencoderViT, img_size=args.input_size,
+    model = build_model(args.model, "pretrain", img_size=args.input_size,
                         norm_pix_loss=args.norm_pix_loss)
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")

@@ -91,20 +91,16 @@ def wrap_for_training(model, args, device: torch.device):
     return model
 
 
-_FAMILIES = {models.MaskedAutoencoderViT: ("mae_", "an MAE pretraining model"),
-             models.VisionTransformer: ("vit_", "a ViT classifier")}
+_TASKS = {"pretrain": "a pretraining model", "classify": "a classifier"}
 
 
-def build_model(name: str, family: type, **kwargs):
-    """models.create_model(name, **kwargs) with one-line errors for an unknown name or a model of
-    another family (e.g. a classifier name given to pretraining), listing the right choices."""
-    prefix, what = _FAMILIES[family]
+def build_model(name: str, task: str, **kwargs):
+    """models.create_model(name, task, **kwargs) with one-line errors for an unknown name or a
+    model of the other task (e.g. a classifier name given to pretraining), listing the choices."""
+    what = _TASKS[task]
+    if models.model_task(name) and task not in models.model_task(name):
+        raise UserError(f"--model {name} is not {what}; choose one of: {', '.join(models.list_models(task=task))}")
     try:
-        model = models.create_model(name, **kwargs)
+        return models.create_model(name, task, **kwargs)
     except ValueError as e:
         raise UserError(f"--model: {e}") from None
-    except TypeError:  # a model of another family rejects this family's arguments
-        model = None
-    if not isinstance(model, family):
-        raise UserError(f"--model {name} is not {what}; choose one of: {', '.join(models.list_models(prefix))}")
-    return model

@@ -207,39 +207,39 @@ def _mae(kwargs, **arch):
     return MaskedAutoencoderViT(**{**dict(mlp_ratio=4, norm_layer=_LN), **arch, **kwargs})
 
 
-@register_model
+@register_model(task="pretrain")
 def mae_vit_mini_patch16(**kwargs):
     """A few-million-FLOP model for tests and CPU demos (use --input_size 64..112)."""
     return _mae(kwargs, patch_size=16, embed_dim=128, depth=4, num_heads=4,
                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 
 
-@register_model
+@register_model(task="pretrain")
 def mae_vit_tiny_patch16(**kwargs):
     """ViT-Ti encoder (192-d, 12 blocks, 3 heads) with a small 128-d, 4-block decoder."""
     return _mae(kwargs, patch_size=16, embed_dim=192, depth=12, num_heads=3,
                 decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
 
 
-@register_model
+@register_model(task="pretrain")
 def mae_vit_base_patch16_dec512d8b(**kwargs):
     return _mae(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
-@register_model
+@register_model(task="pretrain")
 def mae_vit_large_patch16_dec512d8b(**kwargs):
     return _mae(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
-@register_model
+@register_model(task="pretrain")
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
     return _mae(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 # The recommended architectures (decoder: 512-d, 8 blocks), under the official names.
-mae_vit_base_patch16 = register_model(mae_vit_base_patch16_dec512d8b, name="mae_vit_base_patch16")
-mae_vit_large_patch16 = register_model(mae_vit_large_patch16_dec512d8b, name="mae_vit_large_patch16")
-mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, name="mae_vit_huge_patch14")
+mae_vit_base_patch16 = register_model(mae_vit_base_patch16_dec512d8b, "mae_vit_base_patch16", task="pretrain")
+mae_vit_large_patch16 = register_model(mae_vit_large_patch16_dec512d8b, "mae_vit_large_patch16", task="pretrain")
+mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, "mae_vit_huge_patch14", task="pretrain")

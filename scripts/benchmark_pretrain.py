@@ -281,7 +281,7 @@ def run_benchmark(args) -> Dict:
     compute_dtype = amp_dtype or torch.float32
     torch.manual_seed(args.seed)
 
-    model = build_model(args.model, models.MaskedAutoencoderViT, img_size=args.input_size,
+    model = build_model(args.model, "pretrain", img_size=args.input_size,
                         norm_pix_loss=args.norm_pix_loss)
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")

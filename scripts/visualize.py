@@ -116,10 +116,10 @@ def model_from_checkpoint(args, ckpt: dict, device: torch.device):
     train_size = training_size(sd, saved.get("input_size"))
     # Built without memory or initialisation (every tensor is then loaded from the checkpoint).
     with torch.device("meta"):
-        model = build_model(name, models.MaskedAutoencoderViT, img_size=train_size, norm_pix_loss=norm_pix)
+        model = build_model(name, "pretrain", img_size=train_size, norm_pix_loss=norm_pix)
     own = model.state_dict()
     if any(b not in own for b, _ in model.named_buffers()):  # non-persistent buffers: initialise normally
-        model = models.create_model(name, img_size=train_size, norm_pix_loss=norm_pix).to(device)
+        model = models.create_model(name, "pretrain", img_size=train_size, norm_pix_loss=norm_pix).to(device)
     else:
         model = model.to_empty(device=device)
     load_model_weights(model, sd, path)

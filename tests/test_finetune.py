@@ -266,7 +266,7 @@ def test_linprobe_trains_only_the_head(two_classes, pretrained, tmp_path):
     (["--mixup", "0.8", "--batch_size", "5"], "need an even --batch_size, got 5"),
     (["--eval"], "--eval needs --resume CHECKPOINT"),
     (["--model", "vit_nope"], "unknown model 'vit_nope'; choose one of: vit_base_patch16"),
-    (["--model", "mae_vit_mini_patch16"], "--model mae_vit_mini_patch16 is not a ViT classifier; choose one of: "
+    (["--model", "mae_vit_mini_patch16"], "--model mae_vit_mini_patch16 is not a classifier; choose one of: "
                                           "vit_base_patch16"),
 ])
 def test_finetune_bad_input(two_classes, tmp_path, flags, expected):
