@@ -9,8 +9,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from .patches import patch_grid, patchify, unpatchify
 from .pos_embed import sincos_pos_embed_tensor
 from .registry import register_model
 
@@ -21,8 +23,15 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False):
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
+                 qkv_bias=True, decoder_mlp_ratio=None):
+        """The official arguments, plus two for encoders of other ViTs (models/timm_vit.py):
+        qkv_bias of the encoder blocks (the decoder's keep their bias), and decoder_mlp_ratio
+        (None: mlp_ratio, as the official model shares it)."""
         super().__init__()
+        for what, dim, heads in (("", embed_dim, num_heads), ("decoder_", decoder_embed_dim, decoder_num_heads)):
+            if dim % heads:  # timm's Attention would only assert
+                raise ValueError(f"{what}embed_dim {dim} is not divisible by {what}num_heads {heads}")
         self.in_chans = in_chans
         # Encoder. strict_img_size=False: other resolutions divisible by the patch size work,
         # with a sin-cos table computed for their grid.
@@ -31,7 +40,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
             for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
 
@@ -41,7 +50,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
                                               requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio if decoder_mlp_ratio is None else decoder_mlp_ratio,
+                  qkv_bias=True, norm_layer=norm_layer)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
@@ -80,34 +90,31 @@ class MaskedAutoencoderViT(nn.Module):
     def patch_size(self) -> int:
         return self.patch_embed.patch_size[0]
 
+    default_mask_ratio = 0.75  # the paper's and the official default
+
+    @property
+    def mask_noise_len(self) -> int:
+        """Length of a per-image noise row (forward's `noise`): one entry per patch at img_size."""
+        return self.patch_embed.num_patches
+
+    @property
+    def decoder_arch(self) -> dict:
+        """The decoder's size as constructor arguments (checkpoints record it: engine/mae_model.py)."""
+        return dict(decoder_embed_dim=self.decoder_embed.out_features, decoder_depth=len(self.decoder_blocks),
+                    decoder_num_heads=self.decoder_blocks[0].attn.num_heads if len(self.decoder_blocks) else None)
+
     def grid_of(self, imgs: torch.Tensor) -> Tuple[int, int]:
-        p = self.patch_size
-        h, w = imgs.shape[-2:]
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-        return h // p, w // p
+        return patch_grid(imgs, self.patch_size)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C), each patch flattened as (p, q, c)."""
-        p = self.patch_size
-        h, w = self.grid_of(imgs)
-        n, c = imgs.shape[:2]
-        x = imgs.reshape(n, c, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, h * w, p * p * c)
+        return patchify(imgs, self.patch_size, self.grid_of(imgs))
 
     def unpatchify(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W). grid=(h, w) is needed only for non-square grids."""
-        p, c = self.patch_size, self.in_chans
         if grid is None:
-            h = w = int(round(x.shape[1] ** .5))
-        else:
-            h, w = grid
-        if h * w != x.shape[1]:
-            raise ValueError(f"{x.shape[1]} patches do not form a {h}x{w} grid")
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+            grid = (int(round(x.shape[1] ** .5)),) * 2
+        return unpatchify(x, self.patch_size, self.in_chans, grid)
 
     def _pos_tables(self, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if tuple(grid) == tuple(self.patch_embed.grid_size):
@@ -144,6 +151,20 @@ class MaskedAutoencoderViT(nn.Module):
         return x_masked, mask, ids_restore
 
     # ------------------------------------------------------------------ forward
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's
+        switch): about a third more compute for far less activation memory (ViT-H, large batches)."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(blocks, x)
+        for blk in blocks:
+            x = blk(x)
+        return x
+
     def forward_encoder(self, x, mask_ratio, noise=None):
         pos_embed, _ = self._pos_tables(self.grid_of(x))
         x = self.patch_embed(x)
@@ -152,8 +173,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         cls_token = self.cls_token + pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.blocks, x)
         x = self.norm(x)
         return x, mask, ids_restore
 
@@ -172,8 +192,7 @@ class MaskedAutoencoderViT(nn.Module):
             side = int(round(length ** .5))
             grid = (side, side)
         x = x + self._pos_tables(grid)[1]
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]

@@ -3,11 +3,15 @@
 Two tables, as in the official MAE and MixMIM code bases, where the pretraining and the
 fine-tuning model of one architecture share a name (`mixmim_base` is both): "pretrain" holds
 the masked-image models, "classify" the classifiers that fine-tuning and linear probing build.
+
+Besides the tables, a task can have resolvers: families of names too many to list (every timm
+ViT, models/timm_vit.py), matched by a rule and built on demand. Registered names win.
 """
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 TASKS = ("pretrain", "classify")
 _MODELS: Dict[str, Dict[str, Callable]] = {task: {} for task in TASKS}
+_RESOLVERS: Dict[str, List[Tuple[Callable[[str], Optional[Callable]], str]]] = {task: [] for task in TASKS}
 
 
 def register_model(fn: Callable = None, name: str = None, task: str = "classify"):
@@ -19,23 +23,53 @@ def register_model(fn: Callable = None, name: str = None, task: str = "classify"
     return fn
 
 
+def register_resolver(resolve: Callable[[str], Optional[Callable]], task: str, rule: str) -> None:
+    """resolve(name) -> a factory for `name`, or None when the name is not of its family. It is
+    asked about every unregistered name, so it must only look at the name (no model building).
+    rule: the names it takes, for the unknown-name error (e.g. "mae_<timm ViT name>")."""
+    _RESOLVERS[task].append((resolve, rule))
+
+
 def list_models(prefix: str = "", task: Optional[str] = None) -> List[str]:
+    """Registered names only: the families of the resolvers are described by rules()."""
     tables = [_MODELS[task]] if task else _MODELS.values()
     return sorted({n for table in tables for n in table if n.startswith(prefix)})
 
 
+def rules(task: Optional[str] = None) -> List[str]:
+    """The resolvers' descriptions of the names they build."""
+    return [rule for t in ([task] if task else TASKS) for _, rule in _RESOLVERS[t]]
+
+
+def _factory(name: str, task: str) -> Optional[Callable]:
+    if name in _MODELS[task]:
+        return _MODELS[task][name]
+    for resolve, _ in _RESOLVERS[task]:
+        factory = resolve(name)
+        if factory is not None:
+            return factory
+    return None
+
+
 def model_task(name: str) -> List[str]:
     """The tasks that have a model called `name`."""
-    return [task for task in TASKS if name in _MODELS[task]]
+    return [task for task in TASKS if _factory(name, task) is not None]
+
+
+def choices(task: Optional[str] = None, prefix: str = "") -> str:
+    """'a, b, c, or <rule>': the registered names (those starting with prefix when there are
+    any, else all) and the resolvers' rules, for error messages."""
+    names = list_models(prefix, task) or list_models(task=task)
+    return ", ".join(names + [f"or {rule}" for rule in rules(task)])
 
 
 def create_model(name: str, task: Optional[str] = None, **kwargs):
-    """Build model `name` of `task`; without a task, the name must belong to one table only."""
+    """Build model `name` of `task`; without a task, the name must belong to one task only."""
     tasks = [task] if task else model_task(name)
     if len(tasks) > 1:
         raise ValueError(f"model '{name}' exists for {' and '.join(tasks)}: pass task=")
-    if not tasks or name not in _MODELS[tasks[0]]:
+    factory = _factory(name, tasks[0]) if tasks else None
+    if factory is None:
         family = name.split("_")[0] + "_" if "_" in name else ""
-        choices = list_models(family, task) or list_models(task=task)
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(choices)}")
-    return _MODELS[tasks[0]][name](**kwargs)
+        raise ValueError(f"unknown model '{name}'; choose one of: {choices(task, family)}")
+    return factory(**kwargs)
