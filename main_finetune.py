@@ -16,7 +16,8 @@ from engine.args import add_classification_args, add_training_args
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=False)
     parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
-                        help="name of the model to train (see models/vit.py)")
+                        help="name of the model to train: one of models/vit.py, or the name of a plain timm "
+                             "ViT (e.g. vit_small_patch16_224) for the encoder pretrained as mae_<that name>")
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
 
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup_mode", type=str, default="batch", help='how to apply mixup/cutmix: "batch", '
                      '"pair", or "elem"')
 
-    add_classification_args(parser, global_pool_default=True)
+    add_classification_args(parser)
     add_training_args(parser)
     parser.set_defaults(epochs=50, min_lr=1e-6, warmup_epochs=5, save_every=1)
     return parser

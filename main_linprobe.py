@@ -13,8 +13,9 @@ from engine.args import add_classification_args, add_training_args
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=False)
     parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
-                        help="name of the model to train (see models/vit.py)")
-    add_classification_args(parser, global_pool_default=False)
+                        help="name of the model to train: one of models/vit.py, or the name of a plain timm "
+                             "ViT (e.g. vit_small_patch16_224) for the encoder pretrained as mae_<that name>")
+    add_classification_args(parser)
     add_training_args(parser)
     parser.set_defaults(batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, warmup_epochs=10, save_every=1)
     return parser

@@ -5,6 +5,7 @@ inside the epoch and every rank's RNG state, all plain data (torch.load(weights_
 'epoch' is the epoch the state belongs to; it is complete when epoch_iter == epoch_iters
 (official checkpoints, which lack these keys, are always at an epoch end).
 """
+import argparse
 import logging
 import os
 import re
@@ -43,6 +44,15 @@ def plain_args(args) -> dict:
         else:
             out[k] = str(v)
     return out
+
+
+def recorded_args(ckpt: dict) -> dict:
+    """The flags a checkpoint's run was started with: a dict here, an argparse.Namespace in
+    official checkpoints, nothing in bare state dicts."""
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
 
 
 def numbered_checkpoints(output_dir: str) -> List[str]:
@@ -205,15 +215,17 @@ def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
     for k in ("head.weight", "head.bias"):
         if k in state and state[k].shape != own[k].shape:
             del state[k]  # another number of classes
-    if model.uses_global_pool:
-        # The pretrained encoder's final norm is not used by the pooled head (fc_norm replaces it).
+    if "norm.weight" not in own:
+        # A ViT's pooled head uses fc_norm instead of the encoder's final norm (MixMIM keeps its norm).
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model)
         log.info("Resampled the position embedding of %s to a %dx%d patch grid", path, *model.patch_embed.grid_size)
+    if "absolute_pos_embed" in state and state["absolute_pos_embed"].shape != own["absolute_pos_embed"].shape:
+        del state["absolute_pos_embed"]  # MixMIM's fixed sin-cos table: the model made its own for its grid
 
-    allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if model.uses_global_pool
-                                                      else set())
+    allowed_missing = {"head.weight", "head.bias", "absolute_pos_embed"} | (
+        {"fc_norm.weight", "fc_norm.bias"} if "fc_norm.weight" in own else set())
     problems = mismatch_report(own, state, allowed_missing)
     if problems:
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "

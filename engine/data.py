@@ -20,18 +20,24 @@ import torchvision.transforms as T
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from util import dist as dist_util
 from util.errors import UserError
+
+from .uint8_pipeline import RandomResizedCropFlip, read_uint8
 
 log = logging.getLogger("mae")
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
 
 
-def pretrain_transform(input_size: int) -> T.Compose:
-    """The official MAE pretraining augmentation."""
+def pretrain_transform(input_size: int, pipeline: str = "pil"):
+    """The official MAE pretraining augmentation, on PIL images or (pipeline "uint8") on uint8
+    tensors with the normalisation left to the device (engine.uint8_pipeline)."""
+    if pipeline == "uint8":
+        return RandomResizedCropFlip(input_size, scale=(0.2, 1.0))
     return T.Compose([
         T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -50,8 +56,10 @@ def finetune_transform(args, is_train: bool):
     return eval_transform(args.input_size)
 
 
-def linprobe_transform(input_size: int, is_train: bool):
+def linprobe_transform(input_size: int, is_train: bool, pipeline: str = "pil"):
     """The official linear-probing augmentation: random resized crop and flip only."""
+    if is_train and pipeline == "uint8":
+        return RandomResizedCropFlip(input_size)
     if is_train:
         return T.Compose([T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
                           T.RandomHorizontalFlip(), T.ToTensor(),
@@ -90,15 +98,25 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def pil_image(path: str):
+    """The official loader (PIL, converted to RGB), fully decoded so errors surface here."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
 class KeyedSamples(Dataset):
     """Wraps an ImageFolder; dataset[(epoch, index)] -> (image, target[, mask noise]).
 
-    An unreadable image is reported once (file and reason) and replaced by the next readable
-    sample, so one bad file never ends a long run and the replacement is reproducible.
+    `pipeline` "pil" reads images as the official loader does, "uint8" as (3, H, W) uint8 tensors
+    (engine.uint8_pipeline); the transform must take what it reads. An unreadable image is
+    reported once (file and reason) and replaced by the next readable sample, so one bad file
+    never ends a long run and the replacement is reproducible.
     """
 
-    def __init__(self, folder: ImageFolder, transform, seed: int, num_patches: int = 0):
+    def __init__(self, folder: ImageFolder, transform, seed: int, num_patches: int = 0, pipeline: str = "pil"):
         self.folder, self.transform, self.seed, self.num_patches = folder, transform, seed, num_patches
+        self.read = read_uint8 if pipeline == "uint8" else pil_image
         self._reported = set()
 
     def __len__(self) -> int:
@@ -109,9 +127,7 @@ class KeyedSamples(Dataset):
         for k in range(n):
             path, target = self.folder.samples[(index + k) % n]
             try:
-                img = self.folder.loader(path)
-                img.load()
-                return img, target
+                return self.read(path), target
             except Exception as e:  # PIL raises many types for corrupt or truncated files
                 if path not in self._reported:
                     self._reported.add(path)
@@ -188,9 +204,11 @@ def build_loader(dataset: KeyedSamples, batch_size: int, world_size: int, rank: 
     # resumed run's global RNG stream would drift from the uninterrupted one.
     g = torch.Generator()
     g.manual_seed(seed)
+    # 4 batches ahead per worker (torch's default: 2) rides out slow files and shared-storage
+    # hiccups; uint8 batches make that a quarter of the float pipeline's memory.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-                      generator=g)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=g)
 
 
 def iters_per_epoch(loader: DataLoader) -> int:

@@ -17,7 +17,8 @@ from . import checkpoint as ckpt_lib
 from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_transform, image_folder,
                    linprobe_transform)
 from .evaluate import evaluate
-from .optim import LARS, param_groups_lrd
+from .optim import LARS, adamw, param_groups_lrd
+from .uint8_pipeline import to_model_input
 from .preemption import StopRequest
 from .runtime import build_model, make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
 from .trainer import TrainingRun, fit
@@ -40,7 +41,7 @@ def build_mixup(args):
 
 def classification_loss(criterion, mixup_fn, device):
     def compute(model, batch):
-        samples = batch[0].to(device, non_blocking=True)
+        samples = to_model_input(batch[0], device)
         targets = batch[1].to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -59,6 +60,14 @@ def make_linear_probe(model) -> None:
 
 
 def main(args, linprobe: bool = False) -> None:
+    if not linprobe and args.data_pipeline == "uint8":
+        raise UserError("--data_pipeline uint8 cannot fine-tune: RandAugment and random erasing work on PIL "
+                        "images; drop the flag (or use --data_pipeline pil)")
+    mixmim = args.model.startswith("mixmim")
+    if args.global_pool is None:  # the official defaults: pooled for fine-tuning, class token for probing
+        args.global_pool = mixmim or not linprobe
+    elif mixmim and not args.global_pool:
+        raise UserError(f"--cls_token: {args.model} has no class token (MixMIM pools its last stage); drop the flag")
     device = setup_runtime(args)
     world, rank = dist_util.get_world_size(), dist_util.get_rank()
 
@@ -70,11 +79,12 @@ def main(args, linprobe: bool = False) -> None:
     if len(train_folder.classes) > args.nb_classes:
         raise UserError(f"the dataset has {len(train_folder.classes)} classes but --nb_classes is "
                         f"{args.nb_classes}: pass --nb_classes {len(train_folder.classes)}")
-    make_transform = (lambda train: linprobe_transform(args.input_size, train)) if linprobe else \
+    pipeline = args.data_pipeline or ("uint8" if linprobe else "pil")
+    make_transform = (lambda train: linprobe_transform(args.input_size, train, pipeline)) if linprobe else \
         (lambda train: finetune_transform(args, train))
     pin = args.pin_mem and device.type == "cuda"
-    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed), args.batch_size, world,
-                          rank, args.seed, args.num_workers, pin)
+    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline),
+                          args.batch_size, world, rank, args.seed, args.num_workers, pin)
     val_loader = build_eval_loader(KeyedSamples(val_folder, make_transform(False), args.seed), args.batch_size,
                                    args.dist_eval, args.num_workers, pin)
     log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
@@ -99,7 +109,7 @@ def main(args, linprobe: bool = False) -> None:
     else:
         groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                   layer_decay=args.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+        optimizer = adamw(groups, args.lr, device)
     log.info("Optimizer: %s", type(optimizer).__name__)
     amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

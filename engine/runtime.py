@@ -1,10 +1,12 @@
 """Process, device and precision set-up shared by every training CLI."""
 import logging
 import os
+import sys
 
 import torch
 
 import models
+from models.registry import choices
 from util import dist as dist_util
 from util.errors import UserError
 from util.rng import seed_everything
@@ -34,7 +36,15 @@ def check_args(args) -> None:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
     if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
+        own = args.output_dir and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
+        if not own:
+            raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
+        # The official MixMIM scripts always pass their run's own future checkpoint: a first run
+        # starts fresh (automatic resume from --output_dir still finds checkpoint-last.pth).
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            print(f"note: --resume {args.resume} does not exist yet (it is in --output_dir): starting a new run "
+                  "or resuming from the output folder's own checkpoints", file=sys.stderr, flush=True)
+        args.resume = ""
 
 
 def configure_backends(device: torch.device) -> None:
@@ -83,6 +93,8 @@ def wrap_for_training(model, args, device: torch.device):
 
     Every parameter takes part in every step, so DDP runs without find_unused_parameters.
     """
+    if getattr(args, "grad_ckpt", False):
+        model.set_grad_checkpointing(True)
     if args.compile:
         model = torch.compile(model)
     if args.distributed:
@@ -99,7 +111,7 @@ def build_model(name: str, task: str, **kwargs):
     model of the other task (e.g. a classifier name given to pretraining), listing the choices."""
     what = _TASKS[task]
     if models.model_task(name) and task not in models.model_task(name):
-        raise UserError(f"--model {name} is not {what}; choose one of: {', '.join(models.list_models(task=task))}")
+        raise UserError(f"--model {name} is not {what}; choose one of: {choices(task)}")
     try:
         return models.create_model(name, task, **kwargs)
     except ValueError as e:

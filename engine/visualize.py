@@ -7,7 +7,8 @@
 
 reconstruct() returns four (N, 3, H, W) images in [0, 1] (ImageNet mean/std undone, clamped):
   original        the input
-  masked          the input with every removed patch set to MASK_GREY
+  masked          the input with every removed patch set to MASK_GREY (MixMIM: the mixed input the
+                  encoder saw, whose removed cells hold the batch mirror's pixels)
   reconstruction  the unpatchified prediction for all patches. A model trained with
                   norm_pix_loss predicts each patch in units of that patch's own mean and std;
                   the prediction is mapped back with the TARGET patch's statistics, exactly as the
@@ -210,9 +211,13 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75,
 
     original = denormalize(x)
     reconstruction = denormalize(model.unpatchify(pred, grid))
+    if hasattr(model, "mix"):  # MixMIM: the "removed" cells hold the batch mirror's pixels, not grey
+        masked = denormalize(model.mix(x, mask))
+    else:
+        masked = torch.where(removed, torch.full_like(original, MASK_GREY), original)
     out = {
         "original": original,
-        "masked": torch.where(removed, torch.full_like(original, MASK_GREY), original),
+        "masked": masked,
         "reconstruction": reconstruction,
         "pasted": torch.where(removed, reconstruction, original),
     }

@@ -10,12 +10,12 @@ with the removed patches greyed out, the reconstruction, and the reconstruction 
 the visible input (layout: engine/visualize.py). Without --grid, one <image stem>.png per image;
 with --grid, all images in reconstructions.png. The paths written are printed.
 
-The architecture, the training input size and norm_pix_loss come from the checkpoint's 'args'
-(checkpoints of this repo); for official checkpoints, which do not record them, give --model
-(and --norm_pix_loss when the weights were trained with it; mae_visualize_vit_large.pth was
-not). Encoder-only checkpoints (the official mae_pretrain_vit_*.pth) have no decoder and cannot
-reconstruct anything. Images are resized (shorter side) and center-cropped to --input_size
-(default: the training size).
+The architecture (decoder ablations included), the training input size and norm_pix_loss come
+from the checkpoint's 'args' (checkpoints of this repo); for official checkpoints, which do not
+record them, give --model (and --norm_pix_loss when the weights were trained with it;
+mae_visualize_vit_large.pth was not). Encoder-only checkpoints (the official
+mae_pretrain_vit_*.pth) have no decoder and cannot reconstruct anything. Images are resized
+(shorter side) and center-cropped to --input_size (default: the training size).
 
 The masks are deterministic: every image's noise comes from a torch.Generator seeded with
 --seed, so an image gets the same mask whatever other images are given, and the masks of
@@ -35,7 +35,8 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from engine.checkpoint import load_model_weights  # noqa: E402
+from engine.checkpoint import load_model_weights, recorded_args  # noqa: E402
+from engine.mae_model import decoder_kwargs  # noqa: E402
 from engine.runtime import build_model  # noqa: E402
 from engine.visualize import (cat_results, check_images, find_images, fixed_noise,  # noqa: E402
                               has_decoder, load_image, reconstruct, render_grid, take)
@@ -71,10 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def checkpoint_args(ckpt: dict) -> dict:
-    args = ckpt.get("args")
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return args if isinstance(args, dict) else {}
+    return recorded_args(ckpt)
 
 
 def state_dict_of(ckpt: dict, path: str) -> dict:
@@ -114,12 +112,14 @@ def model_from_checkpoint(args, ckpt: dict, device: torch.device):
     if args.norm_pix_loss and not norm_pix:
         print(f"note: --norm_pix_loss ignored: {path} records norm_pix_loss=False", file=sys.stderr)
     train_size = training_size(sd, saved.get("input_size"))
+    # The decoder of a --decoder_* ablation run, as recorded (none recorded: the model's own).
+    kwargs = dict(img_size=train_size, norm_pix_loss=norm_pix, **decoder_kwargs(saved))
     # Built without memory or initialisation (every tensor is then loaded from the checkpoint).
     with torch.device("meta"):
-        model = build_model(name, "pretrain", img_size=train_size, norm_pix_loss=norm_pix)
+        model = build_model(name, "pretrain", **kwargs)
     own = model.state_dict()
     if any(b not in own for b, _ in model.named_buffers()):  # non-persistent buffers: initialise normally
-        model = models.create_model(name, "pretrain", img_size=train_size, norm_pix_loss=norm_pix).to(device)
+        model = models.create_model(name, "pretrain", **kwargs).to(device)
     else:
         model = model.to_empty(device=device)
     load_model_weights(model, sd, path)
@@ -159,7 +159,8 @@ def main(args) -> None:
     size = args.input_size or train_size
     if size % model.patch_size:
         raise UserError(f"--input_size {size} is not divisible by the patch size {model.patch_size}")
-    num_patches = (size // model.patch_size) ** 2
+    # One noise row per image (MixMIM uses the first image's row for the whole batch).
+    num_patches = model.mask_noise_len if size == train_size else (size // model.patch_size) ** 2
 
     titles = [os.path.basename(p) for p in paths]
     stems = unique_names(paths)

@@ -1,4 +1,4 @@
-"""scripts/benchmark_pretrain.py runs and reports consistent fields (not a timing test)."""
+"""scripts/benchmark.py runs and reports consistent fields (not a timing test)."""
 import json
 import subprocess
 import sys
@@ -7,28 +7,63 @@ import pytest
 import torch
 
 from conftest import REPO, cli_env
+from flops import mae_train_flops
 
-sys.path.insert(0, str(REPO / "scripts"))
-from benchmark_pretrain import mae_train_flops  # noqa: E402
-
-import models  # noqa: E402
+import models
 
 
-def test_benchmark_writes_json(tmp_path):
+def bench(tmp_path, *flags):
     out = tmp_path / "bm.json"
-    proc = subprocess.run([sys.executable, "scripts/benchmark_pretrain.py", "--model", "mae_vit_mini_patch16",
-                           "--input_size", "32", "--batch_size", "4", "--warmup", "1", "--iters", "1",
-                           "--repeats", "1", "--json", str(out)], cwd=REPO, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", *map(str, flags), "--json", str(out)], cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    r = json.loads(out.read_text())
-    assert (r["model"], r["batch_size"], r["device"]) == ("mae_vit_mini_patch16", 4, "cpu")
-    assert r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["mfu_percent"] < 100
-    # The fields agree with each other: throughput from step time, MFU from FLOPs and the peak.
-    assert r["img_per_s"] == pytest.approx(4 / r["s_per_step"], rel=1e-6)
-    assert r["mfu_percent"] == pytest.approx(
-        100 * r["gflop_per_step"] / r["s_per_step"] / 1e3 / r["peak_tflop_per_s_measured"], rel=1e-3)
-    assert "mae_vit_mini_patch16" in proc.stdout
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_step_benchmark_with_peer_and_real_data(tmp_path, photos):
+    r, stdout = bench(tmp_path, "--model", "mae_vit_mini_patch16", "--input_size", 32, "--batch_size", 4,
+                      "--warmup", 1, "--iters", 2, "--repeats", 2, "--peer", "--data_path", photos,
+                      "--num_workers", 0)
+    ours, peer = r["rows"]
+    assert ours["impl"] == "ours" and peer["impl"].startswith("peer (transformers")
+    for row in (ours, peer):
+        assert (row["model"], row["batch_size"], row["device"]) == ("mae_vit_mini_patch16", 4, "cpu")
+        assert row["img_per_s"] > 0 and row["peak_mem_mb"] > 0 and 0 < row["mfu_percent"] < 100
+        assert len(row["s_per_step_repeats"]) == 2
+        # The fields agree with each other: throughput from step time, MFU from FLOPs and the peak.
+        assert row["img_per_s"] == pytest.approx(4 / row["s_per_step"], rel=1e-6)
+        assert row["mfu_percent"] == pytest.approx(
+            100 * row["gflop_per_step"] / row["s_per_step"] / 1e3 / row["peak_tflop_per_s_measured"], rel=1e-3)
+    assert ours["gflop_per_step"] == peer["gflop_per_step"]  # the same architecture
+    assert r["speedup_vs_peer"] == pytest.approx(ours["img_per_s"] / peer["img_per_s"])
+    assert 0 < ours["data_wait_percent"] < 100 and peer["data_wait_percent"] == 0  # real batches, loaded in-process
+    assert "ours / peer:" in stdout and r["data"].startswith(str(photos))
+
+
+def test_peer_has_our_parameter_count():
+    """The peer is the same model: same number of trainable parameters."""
+    from benchmark import peer_model
+
+    ours = models.create_model("mae_vit_base_patch16", "pretrain")
+    peer = peer_model(ours)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(peer) == count(ours)
+
+
+def test_loader_benchmark_compares_pipelines(tmp_path):
+    r, stdout = bench(tmp_path, "--mode", "loader", "--data_path", REPO / "data" / "sample", "--batch_size", 7,
+                      "--warmup", 0, "--iters", 2, "--repeats", 1, "--num_workers", 1, "--input_size", 64)
+    assert [row["pipeline"] for row in r["rows"]] == ["official", "pil", "uint8"]
+    assert r["rows"][0]["vs_official"] == 1.0 and all(row["img_per_s"] > 0 for row in r["rows"])
+    assert r["images"] == 14 and r["num_workers"] == 1
+    assert "x official" in stdout
+
+
+def test_loader_mode_needs_a_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--mode", "loader"], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --mode loader needs --data_path (a folder with train/<class>/*.jpg, e.g. data/sample)")
 
 
 def test_analytic_flops_match_flop_counter():
@@ -40,3 +75,19 @@ def test_analytic_flops_match_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(imgs, mask_ratio=0.75)
     assert mae_train_flops(model, 2, 0.75, 64) == 3 * counter.get_total_flops()
+
+
+def test_step_benchmark_of_mixmim_counts_flops_with_torch(tmp_path):
+    r, _ = bench(tmp_path, "--model", "mixmim_mini", "--input_size", 64, "--batch_size", 4, "--warmup", 1,
+                 "--iters", 1, "--repeats", 1)
+    row = r["rows"][0]
+    assert r["flops_source"] == "torch FlopCounterMode forward x 3" and row["mask_ratio"] == 0.5
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models.create_model("mixmim_mini", "pretrain", img_size=64)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    assert row["gflop_per_step"] == pytest.approx(3 * counter.get_total_flops() / 1e9)
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--model", "mixmim_mini", "--input_size", "64",
+                           "--peer"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--peer: transformers has no MixMIM" in proc.stderr

@@ -90,3 +90,21 @@ def test_submitit_launcher_dry_run(tmp_path):
     lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert "gpus_per_node" not in lines and "mem_gb" not in lines and lines["tasks_per_node"] == "2"
     assert lines["command"].startswith("engine.finetune:linprobe_main")
+
+
+def test_srun_port_flag_sets_the_master_port(photos, tmp_path):
+    """--port (official MixMIM flag) replaces the port derived from the job id: that one is taken here."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        job_id = str(taken.getsockname()[1] - 15000)
+        port = free_port()
+
+        def env(rank):
+            return dict(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                        SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id)
+
+        r0, r1 = launch_two(photos, tmp_path, env, extra=["--port", port])
+    assert_ok(r0)
+    assert_ok(r1)
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["world_size"] == 2

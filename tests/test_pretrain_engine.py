@@ -50,6 +50,16 @@ def test_two_process_ddp_matches_single_process(photos, single_run, tmp_path):
     assert proc.stdout.count("Start training") == 1
 
 
+def test_activation_checkpointing_gives_the_same_training(photos, single_run, tmp_path):
+    """--grad_ckpt recomputes activations in the backward pass: the same weights after two epochs."""
+    proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 6, "--epochs", 2, "--output_dir", tmp_path,
+                     "--grad_ckpt"])
+    assert_ok(proc)
+    a, b = load(single_run[0] / "checkpoint-last.pth"), load(tmp_path / "checkpoint-last.pth")
+    assert b["args"]["grad_ckpt"] is True
+    assert max_weight_diff(a["model"], b["model"]) < 1e-6
+
+
 def test_accum_iter_matches_full_batch(photos, single_run, tmp_path):
     out1, _ = single_run
     proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 3, "--accum_iter", 2, "--epochs", 2,

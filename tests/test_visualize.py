@@ -18,7 +18,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 
 import models
-from conftest import MINI, REPO, assert_ok, cli_env, pretrain
+from conftest import MINI, REPO, assert_ok, cli_env, one_line_error, pretrain
 from engine import visualize as vis
 from util.cli import run_cli
 
@@ -96,14 +96,6 @@ def load_script(name: str):
 
 def script_cmd(name: str, args):
     return [sys.executable, str(REPO / "scripts" / f"{name}.py"), *map(str, args)]
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

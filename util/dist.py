@@ -49,8 +49,9 @@ def slurm_master_port(job_id: str) -> int:
     return 15000 + int(job_id) % 20000
 
 
-def _launch_env(dist_on_itp: bool):
-    """(rank, world_size, local_rank, dist_url or None) from the launcher's environment."""
+def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
+    """(rank, world_size, local_rank, dist_url or None) from the launcher's environment; `port` is
+    the master port of an srun launch (default: derived from the job id)."""
     env = os.environ
     if dist_on_itp:
         rank = int(env["OMPI_COMM_WORLD_RANK"])
@@ -62,7 +63,7 @@ def _launch_env(dist_on_itp: bool):
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), None
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per GPU
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]))
-        env.setdefault("MASTER_PORT", str(slurm_master_port(env["SLURM_JOB_ID"])))
+        env.setdefault("MASTER_PORT", str(port or slurm_master_port(env["SLURM_JOB_ID"])))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), None
     return 0, 1, 0, None
 
@@ -72,7 +73,7 @@ def init_distributed_mode(args) -> None:
 
     nccl for CUDA devices, gloo otherwise, so the same command runs on CPU-only machines.
     """
-    rank, world, local, url = _launch_env(getattr(args, "dist_on_itp", False))
+    rank, world, local, url = _launch_env(getattr(args, "dist_on_itp", False), getattr(args, "port", None))
     args.rank, args.world_size, args.gpu = rank, world, local
     args.distributed = world > 1
     device_type = torch.device(args.device).type
