@@ -75,7 +75,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "for ViT-H or large batches, about a third more compute)")
     extra.add_argument("--data_pipeline", choices=["uint8", "pil"], default=None,
                        help="training images: 'uint8' decodes JPEGs to uint8 tensors, crops and flips them "
-                            "in the workers and normalises on the device (2.3x the images/s per worker); "
+                            "in the workers and normalises on the device (2x the images/s per worker); "
                             "'pil' is the official PIL pipeline. Default: uint8 for pretraining and linear "
                             "probing, pil for fine-tuning (RandAugment works on PIL images)")
 

@@ -83,10 +83,12 @@ def main(args, linprobe: bool = False) -> None:
     make_transform = (lambda train: linprobe_transform(args.input_size, train, pipeline)) if linprobe else \
         (lambda train: finetune_transform(args, train))
     pin = args.pin_mem and device.type == "cuda"
-    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline),
+    # RandAugment and random erasing draw from numpy and python too; the other transforms from torch only.
+    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline,
+                                       torch_rng_only=linprobe),
                           args.batch_size, world, rank, args.seed, args.num_workers, pin)
-    val_loader = build_eval_loader(KeyedSamples(val_folder, make_transform(False), args.seed), args.batch_size,
-                                   args.dist_eval, args.num_workers, pin)
+    val_set = KeyedSamples(val_folder, make_transform(False), args.seed, torch_rng_only=True)
+    val_loader = build_eval_loader(val_set, args.batch_size, args.dist_eval, args.num_workers, pin)
     log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
              len(train_folder.classes))
 

@@ -96,7 +96,7 @@ def main(args) -> None:
     folder = image_folder(args.data_path, "train")
     pipeline = args.data_pipeline or "uint8"
     dataset = KeyedSamples(folder, pretrain_transform(args.input_size, pipeline), args.seed,
-                           model.mask_noise_len, pipeline)
+                           model.mask_noise_len, pipeline, torch_rng_only=True)
     loader = build_loader(dataset, args.batch_size, world, rank, args.seed, args.num_workers,
                           args.pin_mem and device.type == "cuda")
     log.info("Dataset: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)

@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (compiled in warm-up)")
     parser.add_argument("--peer", action="store_true",
                         help="also time transformers' ViTMAEForPreTraining in the official loop, interleaved")
+    parser.add_argument("--peer_attention", choices=["sdpa", "eager"], default="sdpa",
+                        help="the peer's attention: transformers' default (sdpa) or eager, the explicit "
+                             "softmax(QK^T)V of the official code's timm 0.3 blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--warmup", default=3, type=int, help="untimed steps (batches) before the first repeat")
@@ -164,9 +167,8 @@ class OurStep:
         self.loss = loss
 
 
-def peer_model(model):
-    """transformers' ViTMAEForPreTraining with the architecture of our `model` (its default
-    attention implementation, as a user gets it)."""
+def peer_model(model, attention: str = "sdpa"):
+    """transformers' ViTMAEForPreTraining with the architecture of our `model`."""
     try:
         import transformers
     except ImportError:
@@ -179,7 +181,7 @@ def peer_model(model):
         decoder_hidden_size=model.mask_token.shape[-1], decoder_num_hidden_layers=len(model.decoder_blocks),
         decoder_num_attention_heads=dec.attn.num_heads, decoder_intermediate_size=dec.mlp.fc1.out_features,
         layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, norm_pix_loss=model.norm_pix_loss)
+        attention_probs_dropout_prob=0.0, norm_pix_loss=model.norm_pix_loss, attn_implementation=attention)
     return transformers.ViTMAEForPreTraining(cfg)
 
 
@@ -246,7 +248,7 @@ def real_batches(args, model, device):
     """Batches of the training loader (as engine/pretrain.py builds it), endlessly."""
     folder = image_folder(args.data_path, "train")
     dataset = KeyedSamples(folder, pretrain_transform(args.input_size, args.data_pipeline), args.seed,
-                           model.mask_noise_len, args.data_pipeline)
+                           model.mask_noise_len, args.data_pipeline, torch_rng_only=True)
     loader = build_loader(dataset, args.batch_size, 1, 0, args.seed, args.num_workers, device.type == "cuda")
     state = {"epoch": 0, "it": iter(())}
 
@@ -301,7 +303,7 @@ def run_step(args, device) -> Dict:
         batches = lambda: (images, None, torch.rand(n, model.mask_noise_len, device=device))  # noqa: E731
     steps = {"ours": OurStep(model, args, device, amp_dtype, batches)}
     if args.peer:
-        peer = peer_model(model).to(device).train(True)
+        peer = peer_model(model, args.peer_attention).to(device).train(True)
         steps["peer"] = OfficialStep(peer, args, device, amp_dtype, images)
     timings = time_interleaved(steps, args, device)
 
@@ -375,7 +377,7 @@ def run_loader(args, device) -> Dict:
                 loader = official_loader(args, folder)
             else:
                 dataset = KeyedSamples(folder, pretrain_transform(args.input_size, pipeline), args.seed,
-                                       num_patches, pipeline)
+                                       num_patches, pipeline, torch_rng_only=True)
                 loader = build_loader(dataset, args.batch_size, 1, 0, args.seed, args.num_workers,
                                       device.type == "cuda")
             it = iter(loader)

@@ -87,7 +87,8 @@ class CpuShare:
     """CPU time used by other processes (and stolen by the hypervisor) while a region runs.
 
     On CPU the benchmark's numbers are only meaningful on an otherwise idle machine; this
-    reads /proc/stat (Linux) before and after and subtracts this process's own CPU time.
+    reads /proc/stat (Linux) before and after and subtracts the CPU time of this process and its
+    children (loader workers).
     The results are average numbers of cores; None where /proc/stat cannot be read.
     """
 
@@ -104,9 +105,30 @@ class CpuShare:
         tick = os.sysconf("SC_CLK_TCK")
         user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
         steal = fields[7] if len(fields) > 7 else 0
-        own = resource.getrusage(resource.RUSAGE_SELF)
+        own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
         return (time.perf_counter(), (user + nice + system + irq + softirq) / tick, steal / tick,
-                own.ru_utime + own.ru_stime)
+                own + CpuShare._live_descendants_cpu() / tick)
+
+    @staticmethod
+    def _live_descendants_cpu() -> int:
+        """CPU ticks of this process's live descendants (data loader workers count as our own)."""
+        parent, ticks = {}, {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parent[int(entry)] = int(fields[1])
+                ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime
+        mine, total = {os.getpid()}, 0
+        for pid in sorted(parent):  # children have larger pids than their parents, nearly always
+            if parent[pid] in mine and pid not in mine:
+                mine.add(pid)
+                total += ticks[pid]
+        return total
 
     def stop(self) -> Dict[str, Optional[float]]:
         end = self._read()

@@ -22,8 +22,8 @@ def bench(tmp_path, *flags):
 
 def test_step_benchmark_with_peer_and_real_data(tmp_path, photos):
     r, stdout = bench(tmp_path, "--model", "mae_vit_mini_patch16", "--input_size", 32, "--batch_size", 4,
-                      "--warmup", 1, "--iters", 2, "--repeats", 2, "--peer", "--data_path", photos,
-                      "--num_workers", 0)
+                      "--warmup", 1, "--iters", 2, "--repeats", 2, "--peer", "--peer_attention", "eager",
+                      "--data_path", photos, "--num_workers", 0)
     ours, peer = r["rows"]
     assert ours["impl"] == "ours" and peer["impl"].startswith("peer (transformers")
     for row in (ours, peer):
@@ -37,7 +37,7 @@ def test_step_benchmark_with_peer_and_real_data(tmp_path, photos):
     assert ours["gflop_per_step"] == peer["gflop_per_step"]  # the same architecture
     assert r["speedup_vs_peer"] == pytest.approx(ours["img_per_s"] / peer["img_per_s"])
     assert 0 < ours["data_wait_percent"] < 100 and peer["data_wait_percent"] == 0  # real batches, loaded in-process
-    assert "ours / peer:" in stdout and r["data"].startswith(str(photos))
+    assert "ours / peer:" in stdout and r["data"].startswith(str(photos)) and r["peer_attention"] == "eager"
 
 
 def test_peer_has_our_parameter_count():

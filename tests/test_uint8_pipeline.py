@@ -166,3 +166,18 @@ def test_unreadable_file_is_replaced_in_the_uint8_pipeline(tmp_path, capfd):
     assert img.shape == (3, 32, 32)
     err = capfd.readouterr().err
     assert "warning: unreadable image" in err and "a.jpg" in err and "b.jpg" in err
+
+
+def test_torch_only_keying_draws_the_same_and_restores_the_process_streams():
+    torch.manual_seed(5)
+    np.random.seed(5)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    with keyed_rng(7, torch_only=True):
+        a = torch.rand(3)
+    with keyed_rng(7):
+        b = torch.rand(3)
+    with keyed_rng(8, torch_only=True):
+        c = torch.rand(3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert (np.random.get_state()[1] == np_state).all()
