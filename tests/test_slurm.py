@@ -160,3 +160,21 @@ def test_plain_sbatch_script_requeues_itself_and_resumes(cluster, images, tmp_pa
     t = text()
     assert "requeueing job" in t and "restart 1" in t
     assert re.search(r"continuing at epoch 0, sample \d+ of the epoch", t)
+
+
+# MixMIM at 128 px: slow enough per step that a signal sent at iteration 3 lands inside epoch 0.
+MIX_JOB = ["--model", "mixmim_mini", "--input_size", 128, "--num_workers", 0, "--warmup_epochs", 1, "--log_dir", "",
+           "--norm_pix_loss", "--batch_size", 2, "--print_freq", 1]
+
+
+def test_mixmim_job_preempted_resumes_bit_identical(cluster, images, tmp_path):
+    reference = tmp_path / "torchrun"
+    assert_ok(pretrain([*MIX_JOB, "--epochs", 2, "--data_path", images, "--output_dir", reference], nproc=2))
+    job_id, folder = submit("submitit_pretrain.py", [*MIX_JOB, "--epochs", 2, "--data_path", images], tmp_path)
+    wait_for(lambda: re.search(rf"Epoch: \[0\]  \[ 3/{ITERS}\]", log_of(folder)), 180, "epoch 0", folder)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    wait_for(lambda: "requeued 1 time(s)" in log_of(folder), 180, "the requeue", folder)
+    wait_for(lambda: finished(folder), 240, "job completion", folder)
+    assert re.search(r"stopped (at|after) epoch 0", log_of(folder, "err"))
+    assert re.search(r"Resumed from .*checkpoint-last.pth", log_of(folder))
+    assert_same_weights(reference / "checkpoint-last.pth", folder / "checkpoint-last.pth")
