@@ -73,9 +73,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     extra.add_argument("--grad_ckpt", action="store_true",
                        help="activation checkpointing: recompute each block in the backward pass (less memory "
                             "for ViT-H or large batches, about a third more compute)")
-    extra.add_argument("--data_pipeline", choices=["uint8", "pil"], default=None,
+    extra.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default=None,
                        help="training images: 'uint8' decodes JPEGs to uint8 tensors, crops and flips them "
                             "in the workers and normalises on the device (2x the images/s per worker); "
+                            "'device_decode' leaves the JPEG decoding (nvjpeg on CUDA), crop and flip to the "
+                            "training device, the workers only read files and draw the crops; "
                             "'pil' is the official PIL pipeline. Default: uint8 for pretraining and linear "
                             "probing, pil for fine-tuning (RandAugment works on PIL images)")
 

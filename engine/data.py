@@ -26,7 +26,7 @@ from torchvision.datasets import ImageFolder
 from util import dist as dist_util
 from util.errors import UserError
 
-from .uint8_pipeline import RandomResizedCropFlip, read_uint8
+from .uint8_pipeline import RandomResizedCropFlip, collate, read_encoded, read_uint8
 
 log = logging.getLogger("mae")
 
@@ -36,8 +36,8 @@ BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def pretrain_transform(input_size: int, pipeline: str = "pil"):
     """The official MAE pretraining augmentation, on PIL images or (pipeline "uint8") on uint8
     tensors with the normalisation left to the device (engine.uint8_pipeline)."""
-    if pipeline == "uint8":
-        return RandomResizedCropFlip(input_size, scale=(0.2, 1.0))
+    if pipeline in ("uint8", "device_decode"):
+        return RandomResizedCropFlip(input_size, scale=(0.2, 1.0), deferred=pipeline == "device_decode")
     return T.Compose([
         T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -58,8 +58,8 @@ def finetune_transform(args, is_train: bool):
 
 def linprobe_transform(input_size: int, is_train: bool, pipeline: str = "pil"):
     """The official linear-probing augmentation: random resized crop and flip only."""
-    if is_train and pipeline == "uint8":
-        return RandomResizedCropFlip(input_size)
+    if is_train and pipeline in ("uint8", "device_decode"):
+        return RandomResizedCropFlip(input_size, deferred=pipeline == "device_decode")
     if is_train:
         return T.Compose([T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
                           T.RandomHorizontalFlip(), T.ToTensor(),
@@ -108,8 +108,9 @@ def pil_image(path: str):
 class KeyedSamples(Dataset):
     """Wraps an ImageFolder; dataset[(epoch, index)] -> (image, target[, mask noise]).
 
-    `pipeline` "pil" reads images as the official loader does, "uint8" as (3, H, W) uint8 tensors
-    (engine.uint8_pipeline); the transform must take what it reads. An unreadable image is
+    `pipeline` "pil" reads images as the official loader does, "uint8" as (3, H, W) uint8 tensors,
+    "device_decode" as still-encoded JPEGs (engine.uint8_pipeline); the transform must take what
+    it reads. An unreadable image is
     reported once (file and reason) and replaced by the next readable sample, so one bad file
     never ends a long run and the replacement is reproducible.
     """
@@ -118,7 +119,7 @@ class KeyedSamples(Dataset):
                  torch_rng_only: bool = False):
         self.folder, self.transform, self.seed, self.num_patches = folder, transform, seed, num_patches
         self.torch_rng_only = torch_rng_only  # the transform draws from torch only (see keyed_rng)
-        self.read = read_uint8 if pipeline == "uint8" else pil_image
+        self.read = {"uint8": read_uint8, "device_decode": read_encoded}.get(pipeline, pil_image)
         self._reported = set()
 
     def __len__(self) -> int:
@@ -217,7 +218,7 @@ def build_loader(dataset: KeyedSamples, batch_size: int, world_size: int, rank: 
     # hiccups; uint8 batches make that a quarter of the float pipeline's memory.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None, generator=g)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=g, collate_fn=collate)
 
 
 def iters_per_epoch(loader: DataLoader) -> int:

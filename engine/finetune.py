@@ -60,9 +60,9 @@ def make_linear_probe(model) -> None:
 
 
 def main(args, linprobe: bool = False) -> None:
-    if not linprobe and args.data_pipeline == "uint8":
-        raise UserError("--data_pipeline uint8 cannot fine-tune: RandAugment and random erasing work on PIL "
-                        "images; drop the flag (or use --data_pipeline pil)")
+    if not linprobe and args.data_pipeline in ("uint8", "device_decode"):
+        raise UserError(f"--data_pipeline {args.data_pipeline} cannot fine-tune: RandAugment and random erasing "
+                        "work on PIL images; drop the flag (or use --data_pipeline pil)")
     mixmim = args.model.startswith("mixmim")
     if args.global_pool is None:  # the official defaults: pooled for fine-tuning, class token for probing
         args.global_pool = mixmim or not linprobe

@@ -19,8 +19,9 @@ loss.item() and a device synchronisation every step.
 
 --mode loader: the training data pipeline in images/s per worker process on a folder of real
 JPEGs: 'official' (torchvision ImageFolder + the official transform + DataLoader, as the
-official main_pretrain.py), 'pil' (this engine's loader with the same PIL transform) and 'uint8'
-(this engine's default: decode to uint8, crop and flip on uint8, normalise on --device),
+official main_pretrain.py), 'pil' (this engine's loader with the same PIL transform), 'uint8'
+(this engine's default: decode to uint8, crop and flip on uint8, normalise on --device) and,
+when asked for, 'device_decode' (decoding, crop and flip on --device in the consuming process),
 interleaved, medians. The consumer moves each batch to --device and normalises it there.
 
     python scripts/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --peer --json out.json
@@ -70,7 +71,7 @@ from util.meters import max_memory_mb  # noqa: E402
 
 WEIGHT_DECAY = 0.05   # engine default (--weight_decay)
 LR = 1.5e-4           # value irrelevant for speed; the official ViT-L blr
-PIPELINES = ("official", "pil", "uint8")
+PIPELINES = ("official", "pil", "uint8", "device_decode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.set_num_threads (default: leave torch's setting)")
     parser.add_argument("--data_path", default=None,
                         help="step mode: feed real batches from <data_path>/train; loader mode: the JPEG folder")
-    parser.add_argument("--data_pipeline", choices=["uint8", "pil"], default="uint8",
+    parser.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default="uint8",
                         help="step mode with --data_path: the training data pipeline")
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES),
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES[:3]),
                         help="loader mode: pipelines to compare")
     parser.add_argument("--num_workers", default=1, type=int, help="loader worker processes")
     parser.add_argument("--seed", default=0, type=int)

@@ -60,6 +60,17 @@ def test_activation_checkpointing_gives_the_same_training(photos, single_run, tm
     assert max_weight_diff(a["model"], b["model"]) < 1e-6
 
 
+def test_device_decode_pipeline_trains_identically(photos, single_run, tmp_path):
+    """--data_pipeline device_decode (decoding in the training process) feeds the same batches as
+    the default uint8 pipeline: bit-identical weights after two epochs."""
+    proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 6, "--epochs", 2, "--output_dir", tmp_path,
+                     "--data_pipeline", "device_decode", "--num_workers", 1])
+    assert_ok(proc)
+    a, b = load(single_run[0] / "checkpoint-last.pth"), load(tmp_path / "checkpoint-last.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_accum_iter_matches_full_batch(photos, single_run, tmp_path):
     out1, _ = single_run
     proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 3, "--accum_iter", 2, "--epochs", 2,

@@ -181,3 +181,42 @@ def test_torch_only_keying_draws_the_same_and_restores_the_process_streams():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert (np.random.get_state()[1] == np_state).all()
+
+
+def test_device_decode_batches_equal_the_uint8_pipeline_on_cpu(tmp_path):
+    """Decoding on the device (here the CPU) gives the very batches of the uint8 pipeline: same
+    draws in the workers, same decoder, same resize; a PNG takes the PIL route in both."""
+    from engine.data import build_loader
+
+    root = tmp_path / "train" / "c"
+    root.mkdir(parents=True)
+    for path in JPEGS[:5]:
+        (root / path.name).write_bytes(path.read_bytes())
+    Image.open(JPEGS[5]).convert("RGB").save(root / "z.png")
+    folder = image_folder(str(tmp_path), "train")
+    batches = {}
+    for pipeline in ("uint8", "device_decode"):
+        ds = KeyedSamples(folder, pretrain_transform(64, pipeline), 0, 4, pipeline, torch_rng_only=True)
+        loader = build_loader(ds, 6, 1, 0, 0, 0, False)
+        loader.sampler.set_epoch(3)
+        imgs, targets, noise = next(iter(loader))
+        batches[pipeline] = to_model_input(imgs, torch.device("cpu")), noise
+    assert type(next(iter(loader))[0]).__name__ == "EncodedBatch"
+    (a, na), (b, nb) = batches["uint8"], batches["device_decode"]
+    assert a.shape == (6, 3, 64, 64) and torch.equal(a, b) and torch.equal(na, nb)
+
+
+def test_device_decode_replaces_a_jpeg_whose_data_is_corrupt(tmp_path, capfd):
+    root = tmp_path / "train" / "c"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(JPEGS[0].read_bytes()[:4000])  # header intact, data cut
+    (root / "b.jpg").write_bytes(JPEGS[1].read_bytes())
+    ds = KeyedSamples(image_folder(str(tmp_path), "train"), pretrain_transform(32, "device_decode"), 0,
+                      pipeline="device_decode")
+    from engine.uint8_pipeline import collate
+
+    imgs, _ = collate([ds[(0, 0)], ds[(0, 1)]])
+    out = imgs.decode(torch.device("cpu"))
+    assert torch.equal(out[0], out[1])  # the unreadable one replaced by the other
+    err = capfd.readouterr().err
+    assert "warning: unreadable image" in err and "a.jpg" in err
