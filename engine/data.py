@@ -34,8 +34,9 @@ BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def pretrain_transform(input_size: int, pipeline: str = "pil"):
-    """The official MAE pretraining augmentation, on PIL images or (pipeline "uint8") on uint8
-    tensors with the normalisation left to the device (engine.uint8_pipeline)."""
+    """The official MAE pretraining augmentation, on PIL images, or (pipelines "uint8" and
+    "device_decode") on uint8 tensors with the normalisation left to the device
+    (engine.uint8_pipeline)."""
     if pipeline in ("uint8", "device_decode"):
         return RandomResizedCropFlip(input_size, scale=(0.2, 1.0), deferred=pipeline == "device_decode")
     return T.Compose([
@@ -110,9 +111,8 @@ class KeyedSamples(Dataset):
 
     `pipeline` "pil" reads images as the official loader does, "uint8" as (3, H, W) uint8 tensors,
     "device_decode" as still-encoded JPEGs (engine.uint8_pipeline); the transform must take what
-    it reads. An unreadable image is
-    reported once (file and reason) and replaced by the next readable sample, so one bad file
-    never ends a long run and the replacement is reproducible.
+    it reads. An unreadable image is reported once (file and reason) and replaced by the next
+    readable sample, so one bad file never ends a long run and the replacement is reproducible.
     """
 
     def __init__(self, folder: ImageFolder, transform, seed: int, num_patches: int = 0, pipeline: str = "pil",
