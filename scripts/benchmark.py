@@ -189,14 +189,14 @@ def peer_model(model, attention: str = "sdpa"):
 class OfficialStep:
     """One step of the official main_pretrain.py / engine_pretrain.py loop on the peer model."""
 
-    def __init__(self, peer, args, device, amp_dtype, images):
+    def __init__(self, peer, args, device, amp_dtype, images, num_patches: int):
         peer.config.mask_ratio = args.mask_ratio
         # The official optimizer: torch's default AdamW implementation (for-loop on CPU, foreach on CUDA).
         self.optimizer = torch.optim.AdamW(param_groups_weight_decay(peer, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95))
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         self.peer, self.device, self.images = peer, device, images
-        self.num_patches = (images.shape[-1] // args.patch_size) ** 2
+        self.num_patches = num_patches
         self.data_wait = 0.0
 
     def __call__(self):
@@ -291,7 +291,6 @@ def run_step(args, device) -> Dict:
         args.mask_ratio = model.default_mask_ratio
     if args.input_size % model.patch_size:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
-    args.patch_size = model.patch_size
 
     # The matmul peak first, before the models take memory.
     peak = measure_matmul_peak(device, compute_dtype)
@@ -305,7 +304,7 @@ def run_step(args, device) -> Dict:
     steps = {"ours": OurStep(model, args, device, amp_dtype, batches)}
     if args.peer:
         peer = peer_model(model, args.peer_attention).to(device).train(True)
-        steps["peer"] = OfficialStep(peer, args, device, amp_dtype, images)
+        steps["peer"] = OfficialStep(peer, args, device, amp_dtype, images, model.mask_noise_len)
     timings = time_interleaved(steps, args, device)
 
     if vit_mae:
