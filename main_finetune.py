@@ -25,7 +25,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
                      help="color jitter factor (enabled only when not using auto augment)")
     aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                     help='auto augment policy, e.g. "v0" or "original"')
+                     help='auto augment policy in timm\'s syntax: rand-m9-mstd0.5-inc1 (RandAugment, the official '
+                          'default) or another rand-..., augmix-..., v0, v0r, original, originalr, 3a; '
+                          '"none" (or "") turns it off')
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     aug.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
     aug.add_argument("--remode", type=str, default="pixel", help="random erase mode")

@@ -52,12 +52,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     parser.add_argument("--port", default=None, type=int,
                         help="master port when srun starts the tasks (official MixMIM flag; default: 15000 + "
-                             "job id % 20000)")
+                             "job id %% 20000)")
 
     extra = parser.add_argument_group("additions to the official flags")
     extra.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                        help="autocast precision (default: bf16 on GPUs that support it, else fp16; none on CPU)")
     extra.add_argument("--compile", action="store_true", help="torch.compile the model")
+    extra.add_argument("--deterministic", action="store_true",
+                       help="deterministic GPU kernels (torch.use_deterministic_algorithms, fixed cuBLAS workspace, "
+                            "no cuDNN autotuning): bit-identical resume on GPUs too, at some speed cost")
     extra.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm")
     extra.add_argument("--print_freq", type=int, default=20, help="print progress every N iterations")
     extra.add_argument("--save_every", type=int, default=20,

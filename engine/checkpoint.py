@@ -6,6 +6,7 @@ inside the epoch and every rank's RNG state, all plain data (torch.load(weights_
 (official checkpoints, which lack these keys, are always at an epoch end).
 """
 import argparse
+import errno
 import logging
 import os
 import re
@@ -15,13 +16,15 @@ from typing import List, Optional
 import torch
 
 from util import dist as dist_util
-from util.checkpoint_io import CheckpointError, atomic_save, load_checkpoint_file, remove_stale_temp_files
+from util.checkpoint_io import (CheckpointError, WriteError, atomic_save, load_checkpoint_file, os_error_text,
+                                remove_stale_temp_files)
 from util.errors import UserError
 from util.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger("mae")
 
 LAST, PREV, BEST = "checkpoint-last.pth", "checkpoint-prev.pth", "checkpoint-best.pth"
+UNREADABLE_SUFFIX = ".unreadable"  # a checkpoint that failed to load is renamed to <name>.unreadable
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 FORMAT_VERSION = 1
 
@@ -64,20 +67,43 @@ def numbered_checkpoints(output_dir: str) -> List[str]:
 
 
 class Checkpointer:
-    """Writes checkpoints on rank 0; every rank must call save() (RNG states are gathered)."""
+    """Writes checkpoints on rank 0; every rank must call save() (RNG states are gathered).
 
-    def __init__(self, output_dir: str, model, optimizer, scaler, args, keep_last: int = 0):
+    unreadable: checkpoint files of output_dir that failed to load (find_resume_checkpoint's
+    list). They are renamed aside, so the next save cannot rotate a broken checkpoint-last.pth
+    into checkpoint-prev.pth, the copy a later fallback would rely on.
+    """
+
+    def __init__(self, output_dir: str, model, optimizer, scaler, args, keep_last: int = 0, unreadable=()):
         self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
         self.args, self.keep_last = args, keep_last
+        self._no_rotate = False  # checkpoint-last.pth is known to be broken and could not be moved
         if output_dir and dist_util.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
             remove_stale_temp_files(output_dir)
+            for path in unreadable:
+                self._set_aside(path)
+
+    def _set_aside(self, path: str) -> None:
+        if not os.path.exists(path):
+            return
+        aside = path + UNREADABLE_SUFFIX
+        try:
+            os.replace(path, aside)
+            log.warning("warning: renamed the unreadable %s to %s, so that no save keeps it as %s (delete it "
+                        "once you no longer need it)", path, aside, PREV)
+        except OSError as e:
+            last = os.path.basename(path) == LAST
+            self._no_rotate = self._no_rotate or last
+            log.warning("warning: could not rename the unreadable %s aside (%s)%s", path, os_error_text(e),
+                        f"; the next save replaces it without keeping it as {PREV}" if last else "")
 
     def save(self, epoch: int, epoch_iter: int, epoch_iters: int, samples_in_epoch: int,
              numbered: bool = False, best: bool = False, extra: Optional[dict] = None) -> None:
         """checkpoint-last.pth, plus checkpoint-<epoch>.pth (numbered) and checkpoint-best.pth (best).
 
-        extra: more plain-data entries for the checkpoint (e.g. max_accuracy)."""
+        extra: more plain-data entries for the checkpoint (e.g. max_accuracy). A file that cannot be
+        written (full disk, ...) is a one-line error; the checkpoints written before stay intact."""
         if not self.output_dir:
             return
         rng = dist_util.all_gather_object(get_rng_state())
@@ -98,12 +124,25 @@ class Checkpointer:
             **(extra or {}),
         }
         last = os.path.join(self.output_dir, LAST)
-        atomic_save(state, last, previous=os.path.join(self.output_dir, PREV))
-        if numbered:
-            self._snapshot(last, os.path.join(self.output_dir, f"checkpoint-{epoch}.pth"), state)
-            self._prune()
-        if best:
-            self._snapshot(last, os.path.join(self.output_dir, BEST), state)
+        had_last = os.path.exists(last) and not self._no_rotate
+        try:
+            atomic_save(state, last, previous=None if self._no_rotate else os.path.join(self.output_dir, PREV))
+        except WriteError as e:
+            kept = (f"the previous {LAST} is intact and a rerun of the same command resumes from it" if had_last
+                    else "no checkpoint of this run was written")
+            raise WriteError(e.path, e.cause, f"cannot write {last}: {os_error_text(e.cause)}; {kept}: "
+                             f"{_fix(e.cause, self.output_dir)}") from None
+        self._no_rotate = False
+        try:
+            if numbered:
+                self._snapshot(last, os.path.join(self.output_dir, f"checkpoint-{epoch}.pth"), state)
+                self._prune()
+            if best:
+                self._snapshot(last, os.path.join(self.output_dir, BEST), state)
+        except WriteError as e:
+            raise WriteError(e.path, e.cause, f"cannot write {e.path}: {os_error_text(e.cause)}; {last} of this "
+                             "step was written and a rerun of the same command resumes from it: "
+                             f"{_fix(e.cause, self.output_dir)}") from None
 
     @staticmethod
     def _snapshot(last: str, path: str, state: dict) -> None:
@@ -120,13 +159,29 @@ class Checkpointer:
     def _prune(self) -> None:
         if self.keep_last > 0:
             for path in numbered_checkpoints(self.output_dir)[self.keep_last:]:
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except OSError as e:
+                    log.warning("warning: could not delete %s (--keep_last %d): %s", path, self.keep_last,
+                                os_error_text(e))
 
 
-def find_resume_checkpoint(args) -> Optional[dict]:
-    """The checkpoint to resume from: --resume, else the newest readable one in output_dir."""
+def _fix(cause: OSError, output_dir: str) -> str:
+    """The advice for a failed write, by its cause."""
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on the disk of {output_dir} (or give another --output_dir)"
+    if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make {output_dir} writable (or give another --output_dir)"
+    return f"check {output_dir} (or give another --output_dir)"
+
+
+def find_resume_checkpoint(args, unreadable: Optional[List[str]] = None) -> Optional[dict]:
+    """The checkpoint to resume from: --resume, else the newest readable one in output_dir.
+
+    unreadable: when given, the output_dir checkpoints that failed to load are appended to it
+    (for Checkpointer, which renames them aside)."""
     if args.resume:
-        ckpt = load_checkpoint_file(args.resume)
+        ckpt = load_checkpoint_file(args.resume, "--resume")
         ckpt["_path"] = args.resume
         return ckpt
     if args.no_auto_resume or not args.output_dir:
@@ -139,6 +194,8 @@ def find_resume_checkpoint(args) -> Optional[dict]:
             ckpt = load_checkpoint_file(path)
         except CheckpointError as e:
             log.warning("warning: %s; trying the previous checkpoint", e)
+            if unreadable is not None:
+                unreadable.append(path)
             continue
         ckpt["_path"] = path
         return ckpt
@@ -156,13 +213,57 @@ def mismatch_report(own: dict, state: dict, allowed_missing=()) -> str:
                                         ("shape mismatch", shapes)) if keys)
 
 
-def load_model_weights(model, state_dict: dict, source: str) -> None:
-    """Strict load with a one-line error naming the mismatching keys."""
+def checkpoint_kind(state_dict: dict) -> str:
+    """'pretrain' (an MAE / MixMIM with its decoder), 'classify' (a classification head) or
+    'encoder' (neither: encoder weights only, like the official mae_pretrain_vit_*.pth)."""
+    if any(k.startswith("decoder_pred.") for k in state_dict):
+        return "pretrain"
+    if any(k.startswith("head.") for k in state_dict):
+        return "classify"
+    return "encoder"
+
+
+def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[dict] = None,
+                       model_name: Optional[str] = None) -> None:
+    """Strict load with a one-line error naming the mismatching keys, what the checkpoint is when
+    it is of another kind (e.g. pretraining weights given to a classifier), and the architecture
+    the checkpoint records (`recorded`: its args) against this run's `model_name`."""
     problems = mismatch_report(model.state_dict(), state_dict)
-    if problems:
-        raise UserError(f"checkpoint {source} does not fit the model ({problems}): "
-                        "check --model/--input_size against the checkpoint")
-    model.load_state_dict(state_dict)
+    if not problems:
+        model.load_state_dict(state_dict)
+        return
+    have, want = checkpoint_kind(state_dict), checkpoint_kind(model.state_dict())
+    saved = (recorded or {}).get("model")
+    what = f" of {saved}" if saved else ""
+    if want == "classify" and have == "pretrain":
+        raise UserError(f"checkpoint {source} is a pretraining checkpoint{what} (encoder and decoder), not a "
+                        f"classifier: start fine-tuning or linear probing from it with --finetune {source}; "
+                        "--resume and --eval take the checkpoints of a fine-tuning or linear-probing run")
+    if want == "classify" and have == "encoder":
+        raise UserError(f"checkpoint {source} holds encoder weights without a classification head (like the "
+                        f"official mae_pretrain_vit_*.pth): start from it with --finetune {source}; --resume and "
+                        "--eval take the checkpoints of a fine-tuning or linear-probing run")
+    if want == "pretrain" and have == "classify":
+        raise UserError(f"checkpoint {source} is a classifier{what} (fine-tuned or linear-probed), not a "
+                        "pretraining checkpoint: resume pretraining from a checkpoint of main_pretrain.py, or "
+                        "evaluate this one with main_finetune.py --eval --resume")
+    own = model.state_dict()
+    pooled_ckpt = "fc_norm.weight" in state_dict
+    other_head = pooled_ckpt != ("fc_norm.weight" in own) and "norm.weight" in (own if pooled_ckpt else state_dict)
+    if want == have == "classify" and other_head:
+        head = ("--global_pool (averaged patch tokens, fc_norm)" if pooled_ckpt
+                else "--cls_token (class token after the final norm)")
+        raise UserError(f"checkpoint {source} does not fit the model ({problems}): its head was trained with "
+                        f"{head}; pass that flag")
+    ours = f"--model {model_name}" if model_name else "the model"
+    if saved:
+        size = (recorded or {}).get("input_size")
+        flags = f"--model {saved}" + (f" --input_size {size}" if size else "")
+        fix = f"it records {flags}: use the same flags" if saved != model_name else \
+            "check --input_size and the model flags against the checkpoint"
+    else:
+        fix = "check --model/--input_size against the checkpoint"
+    raise UserError(f"checkpoint {source} does not fit {ours} ({problems}): {fix}")
 
 
 def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
@@ -172,7 +273,7 @@ def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
     path = ckpt["_path"]
     if "model" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model' entry: it is not a training checkpoint")
-    load_model_weights(model, ckpt["model"], path)
+    load_model_weights(model, ckpt["model"], path, recorded_args(ckpt), getattr(args, "model", None))
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         log.info("Loaded weights from %s (no optimizer state); starting at epoch %d", path, args.start_epoch)
         return Position(epoch=args.start_epoch)
@@ -197,6 +298,19 @@ def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
     return pos
 
 
+def already_finished(pos: Position, args, ckpt: Optional[dict]) -> bool:
+    """True (with a note) when the resumed checkpoint has trained all --epochs already: rerunning a
+    finished command, or a requeued job whose run had ended, is then a success with nothing to do."""
+    if ckpt is None or pos.epoch < args.epochs:
+        return False
+    if dist_util.is_main_process():
+        done = f"trained all {args.epochs} --epochs" if pos.epoch == args.epochs else \
+            f"trained {pos.epoch} epochs, more than --epochs {args.epochs}"
+        log.warning("note: %s has %s: nothing left to train (raise --epochs to train longer, or give another "
+                    "--output_dir for a new run)", ckpt["_path"], done)
+    return True
+
+
 DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
@@ -208,7 +322,7 @@ def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
     re-initialises the head (trunc_normal, std head_init_std). Only the head (and fc_norm with
     global pooling) may be missing; anything else missing or unexpected is an error.
     """
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, "--finetune")
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(DECODER_PREFIXES)}
     own = model.state_dict()
@@ -228,8 +342,10 @@ def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
         {"fc_norm.weight", "fc_norm.bias"} if "fc_norm.weight" in own else set())
     problems = mismatch_report(own, state, allowed_missing)
     if problems:
+        saved = recorded_args(ckpt).get("model")
+        what = f" (it records --model {saved})" if saved else ""
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
-                        f"({problems}): check that --model matches the pretrained encoder")
+                        f"({problems}): check that --model matches the pretrained encoder{what}")
     model.load_state_dict(state, strict=False)
     torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)

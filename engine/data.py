@@ -12,7 +12,7 @@ import math
 import os
 import random
 import sys
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import numpy as np
 import torch
@@ -22,10 +22,13 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from util import dist as dist_util
 from util.errors import UserError
 
+from . import augment
+from .augment import check_auto_augment
 from .uint8_pipeline import RandomResizedCropFlip, collate, read_encoded, read_uint8
 
 log = logging.getLogger("mae")
@@ -47,10 +50,14 @@ def pretrain_transform(input_size: int, pipeline: str = "pil"):
 
 
 def finetune_transform(args, is_train: bool):
-    """The official fine-tuning augmentation (timm RandAugment, random erasing) and eval crop."""
+    """The official fine-tuning augmentation (timm RandAugment, random erasing) and eval crop.
+    `--aa none` (or "") turns auto-augment off; engine.augment keeps timm's ops working on
+    current Pillow."""
     if is_train:
+        augment.use_pillow_compatible_ops()
         return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                                auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                                auto_augment=check_auto_augment(args.aa), interpolation="bicubic",
+                                re_prob=args.reprob,
                                 re_mode=args.remode, re_count=args.recount,
                                 re_num_splits=2 if args.resplit else 0, mean=IMAGENET_DEFAULT_MEAN,
                                 std=IMAGENET_DEFAULT_STD)
@@ -76,8 +83,82 @@ def eval_transform(input_size: int):
                       T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
-def image_folder(data_path: str, split: str) -> ImageFolder:
-    """ImageFolder(<data_path>/<split>) with one-line errors for the usual mistakes."""
+class _Folder(ImageFolder):
+    """torchvision's ImageFolder (same classes, indices and sample order) that follows each directory
+    link at most once.
+
+    torchvision walks with os.walk(followlinks=True): a link to the tree itself or to an ancestor
+    (`loop -> .`, `up -> ..`) is walked again and again until the path is too long, multiplying the
+    samples, or for ever when two such links branch. Here the real folders are read first, then
+    the directory links; a link whose target was already read (a real folder wins over a link to it)
+    or contains the link is skipped and recorded in `skipped_links`. Links to files and to
+    directories elsewhere still count, once. Empty class folders are kept, as
+    ImageFolder(allow_empty=True) does; image_folder decides what they mean.
+    """
+
+    def __init__(self, root: str):
+        self.skipped_links: List[str] = []
+        self._read: Set[str] = set()  # real paths of the directories already read (or claimed)
+        super().__init__(root, allow_empty=True)
+
+    def _follow(self, path: str) -> bool:
+        """Whether to read the directory `path` (a link, or a folder reached through one)."""
+        real, inside = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+        if real in self._read or os.path.commonpath([real, inside]) == real:
+            self.skipped_links.append(f"{path} -> {os.readlink(path)}" if os.path.islink(path)
+                                      else f"{path} (read already)")
+            return False
+        self._read.add(real)
+        return True
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        paths = {c: os.path.join(directory, c) for c in classes}
+        self._read = {os.path.realpath(directory)} | {os.path.realpath(p) for p in paths.values()
+                                                      if not os.path.islink(p)}
+        kept = [c for c in classes if not os.path.islink(paths[c]) or self._follow(paths[c])]
+        if not kept:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return kept, {c: i for i, c in enumerate(kept)}
+
+    def make_dataset(self, directory: str, class_to_idx: Dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        if is_valid_file is None:
+            def is_valid_file(p: str) -> bool:
+                return has_file_allowed_extension(p, extensions)
+        directory = os.path.expanduser(directory)
+        walked: Dict[str, List[Tuple[str, List[str]]]] = {}
+        links: List[Tuple[str, str]] = []
+        for c in sorted(class_to_idx):
+            top = os.path.join(directory, c)
+            walked[c] = []
+            for root, dirs, fnames in os.walk(top):  # real folders only: os.walk lists links but stays out
+                dirs.sort()  # which of two links to one folder is followed must not depend on the file system
+                self._read.add(os.path.realpath(root))
+                links += [(c, os.path.join(root, d)) for d in dirs if os.path.islink(os.path.join(root, d))]
+                walked[c].append((root, fnames))
+        for c, link in links:
+            if not self._follow(link):
+                continue
+            for root, dirs, fnames in os.walk(link, followlinks=True):
+                dirs[:] = [d for d in sorted(dirs) if self._follow(os.path.join(root, d))]
+                walked[c].append((root, fnames))
+        samples = []
+        for c in sorted(class_to_idx):  # torchvision's order: sorted walk, then sorted names
+            for root, fnames in sorted(walked[c], key=lambda w: w[0]):
+                samples += [(p, class_to_idx[c]) for p in (os.path.join(root, f) for f in sorted(fnames))
+                            if is_valid_file(p)]
+        return samples
+
+
+def image_folder(data_path: str, split: str, allow_empty_classes: bool = True) -> ImageFolder:
+    """ImageFolder(<data_path>/<split>) with one-line errors for the usual mistakes, and each
+    directory link followed at most once (the skipped ones are named in one warning line).
+
+    allow_empty_classes: pretraining ignores classes, so empty class folders are dropped (named in
+    a warning line; `classes` and the indices then cover the others). Classification passes False:
+    an empty class folder is then an error naming it.
+    """
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path {data_path} does not exist: point it at a dataset folder "
                         f"that contains {split}/<class>/<image files> (ImageNet layout)")
@@ -86,13 +167,34 @@ def image_folder(data_path: str, split: str) -> ImageFolder:
         raise UserError(f"--data_path {data_path} has no '{split}' folder: expected "
                         f"{root}/<class>/<image files> (ImageNet layout)")
     try:
-        return ImageFolder(root)
-    except FileNotFoundError as e:
-        if "class folder" in str(e):
-            raise UserError(f"no class folders in {root}: put images in {root}/<class>/ "
-                            "(for pretraining any single folder name works)") from None
-        raise UserError(f"no images found under {root}: supported extensions are "
-                        ".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp") from None
+        folder = _Folder(root)
+    except FileNotFoundError:
+        raise UserError(f"no class folders in {root}: put images in {root}/<class>/ "
+                        "(for pretraining any single folder name works)") from None
+    main = dist_util.is_main_process()
+    if folder.skipped_links and main:
+        print(f"warning: not following {len(folder.skipped_links)} directory link(s) under {root} that lead back "
+              f"into the tree or to a folder already read: {', '.join(folder.skipped_links)}",
+              file=sys.stderr, flush=True)
+    extensions = " ".join(IMG_EXTENSIONS)
+    counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
+    empty = [c for c, n in zip(folder.classes, counts) if n == 0]
+    if len(empty) == len(folder.classes):
+        raise UserError(f"no images found under {root}: its class folder(s) {', '.join(empty)} hold no image "
+                        f"files; supported extensions are {extensions}")
+    if empty and not allow_empty_classes:
+        raise UserError(f"empty class folder(s) {', '.join(os.path.join(root, c) for c in empty)}: every class "
+                        f"needs images ({extensions}); add some or remove the folder(s)")
+    if empty:
+        if main:
+            print(f"warning: skipping {len(empty)} empty class folder(s) under {root}: {', '.join(empty)}",
+                  file=sys.stderr, flush=True)
+        kept = [c for c, n in zip(folder.classes, counts) if n > 0]
+        new_index = {folder.class_to_idx[c]: i for i, c in enumerate(kept)}
+        folder.classes, folder.class_to_idx = kept, {c: i for i, c in enumerate(kept)}
+        folder.samples = folder.imgs = [(p, new_index[t]) for p, t in folder.samples]
+        folder.targets = [t for _, t in folder.samples]
+    return folder
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

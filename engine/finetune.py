@@ -4,23 +4,27 @@ Both run on the pretraining engine: the same runtime set-up, sample-keyed data, 
 checkpoints and exact resume. They differ in augmentation, optimizer and what is trained.
 """
 import logging
+from types import SimpleNamespace
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import models
 from util import dist as dist_util
+from util.checkpoint_io import check_checkpoint_file
 from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
+from .augment import check_auto_augment
 from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_transform, image_folder,
                    linprobe_transform)
 from .evaluate import evaluate
 from .optim import LARS, adamw, param_groups_lrd
 from .uint8_pipeline import to_model_input
 from .preemption import StopRequest
-from .runtime import build_model, make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
+from .runtime import (build_model, check_args, check_batch_fits, check_launch, check_output_dirs, check_resume_file,
+                      checkpoint_bytes, drop_future_resume, make_log_writer, resolve_amp, resolve_lr, setup_runtime,
+                      wrap_for_training)
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -30,9 +34,6 @@ def build_mixup(args):
     active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
     if not active:
         return None
-    if args.batch_size % 2:
-        raise UserError(f"--mixup/--cutmix mix each batch with its reverse and need an even --batch_size, "
-                        f"got {args.batch_size}")
     log.info("Mixup is activated!")
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -59,43 +60,123 @@ def make_linear_probe(model) -> None:
         p.requires_grad = True
 
 
-def main(args, linprobe: bool = False) -> None:
+def _global_pool(args, linprobe: bool) -> bool:
+    """The official defaults: pooled for fine-tuning, class token for probing; MixMIM always pools."""
+    if args.global_pool is None:
+        return args.model.startswith("mixmim") or not linprobe
+    return args.global_pool
+
+
+def check_classification_args(args, linprobe: bool) -> None:
+    """Flags of fine-tuning / linear probing that cannot work (no file or device access)."""
     if not linprobe and args.data_pipeline in ("uint8", "device_decode"):
         raise UserError(f"--data_pipeline {args.data_pipeline} cannot fine-tune: RandAugment and random erasing "
                         "work on PIL images; drop the flag (or use --data_pipeline pil)")
-    mixmim = args.model.startswith("mixmim")
-    if args.global_pool is None:  # the official defaults: pooled for fine-tuning, class token for probing
-        args.global_pool = mixmim or not linprobe
-    elif mixmim and not args.global_pool:
+    if args.model.startswith("mixmim") and args.global_pool is False:
         raise UserError(f"--cls_token: {args.model} has no class token (MixMIM pools its last stage); drop the flag")
-    device = setup_runtime(args)
-    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+    if args.nb_classes < 1:
+        raise UserError(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    if args.eval:
+        if not args.resume:
+            raise UserError("--eval needs --resume CHECKPOINT (the fine-tuned weights to evaluate)")
+        return
+    if linprobe:
+        return
+    for name, high, closed in (("drop_path", 1, False), ("smoothing", 1, False), ("reprob", 1, True),
+                               ("mixup_prob", 1, True), ("mixup_switch_prob", 1, True)):
+        value = getattr(args, name)
+        if not (0 <= value <= high if closed else 0 <= value < high):
+            raise UserError(f"--{name} must be in [0, {high}{']' if closed else ')'}, got {value}")
+    for name in ("mixup", "cutmix"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be 0 (off) or a positive alpha, got {getattr(args, name)}")
+    if not args.layer_decay > 0:
+        raise UserError(f"--layer_decay must be positive (1: no decay; official: 0.65-0.75), got {args.layer_decay}")
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixing and args.batch_size % 2:
+        raise UserError(f"--mixup/--cutmix mix each batch with its reverse and need an even --batch_size, "
+                        f"got {args.batch_size}")
+    check_auto_augment(args.aa)
 
-    train_folder = image_folder(args.data_path, "train")
-    val_folder = image_folder(args.data_path, "val")
-    if train_folder.classes != val_folder.classes:
+
+def _classifier_kwargs(args, linprobe: bool) -> dict:
+    kwargs = dict(num_classes=args.nb_classes, global_pool=_global_pool(args, linprobe), img_size=args.input_size)
+    if not linprobe:
+        kwargs["drop_path_rate"] = args.drop_path
+    return kwargs
+
+
+def _check_classes(train_folder, val_folder, nb_classes: int) -> None:
+    if train_folder is not None and train_folder.classes != val_folder.classes:
         raise UserError(f"the class folders of {train_folder.root} and {val_folder.root} differ: "
                         "train/ and val/ need the same class names")
-    if len(train_folder.classes) > args.nb_classes:
-        raise UserError(f"the dataset has {len(train_folder.classes)} classes but --nb_classes is "
-                        f"{args.nb_classes}: pass --nb_classes {len(train_folder.classes)}")
+    if len(val_folder.classes) > nb_classes:
+        raise UserError(f"the dataset has {len(val_folder.classes)} classes but --nb_classes is "
+                        f"{nb_classes}: pass --nb_classes {len(val_folder.classes)}")
+
+
+def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: bool = False) -> SimpleNamespace:
+    """Every check of a fine-tuning (or, linprobe=True, linear-probing) command that needs neither
+    a GPU nor a process group: flags, model, data, the checkpoints given, output folders. With
+    on_this_machine=False (a SLURM launcher on a submitting machine) CUDA and the launcher's
+    environment are left to the job. --eval needs only val/ and --resume. args is not changed.
+    Returns the dataset listings main() reuses: `train_folder` (None with --eval), `val_folder`."""
+    check_args(args)
+    check_classification_args(args, linprobe)
+    check_launch(args, world_size, on_this_machine)
+    with torch.device("meta"):  # no memory, no initialisation
+        model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
+    patch = getattr(model, "encoder_stride", None) or model.patch_embed.patch_size[0]
+    if args.input_size % patch:
+        raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    train_folder = None
+    if args.eval:  # evaluation reads val/ and --resume only, and writes nothing
+        check_checkpoint_file(args.resume, "--resume")
+    else:
+        if args.finetune:
+            check_checkpoint_file(args.finetune, "--finetune")
+        check_resume_file(args)
+        train_folder = image_folder(args.data_path, "train", allow_empty_classes=False)
+    val_folder = image_folder(args.data_path, "val", allow_empty_classes=False)
+    _check_classes(train_folder, val_folder, args.nb_classes)
+    if not args.eval:
+        check_batch_fits(train_folder, args.batch_size, world_size)
+        size = checkpoint_bytes(model, 1, model.head.parameters()) if linprobe else checkpoint_bytes(model)
+        check_output_dirs(args, size)
+    return SimpleNamespace(train_folder=train_folder, val_folder=val_folder)
+
+
+def linprobe_preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleNamespace:
+    """preflight() of a linear-probing command (main_linprobe.py)."""
+    return preflight(args, world_size, on_this_machine, linprobe=True)
+
+
+def main(args, linprobe: bool = False) -> None:
+    plan = preflight(args, dist_util.launched_world_size(args), linprobe=linprobe)
+    args.global_pool = _global_pool(args, linprobe)
+    if not args.eval:
+        drop_future_resume(args)
+    device = setup_runtime(args, make_output_dir=not args.eval)
+    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+
+    train_folder, val_folder = plan.train_folder, plan.val_folder
     pipeline = args.data_pipeline or ("uint8" if linprobe else "pil")
     make_transform = (lambda train: linprobe_transform(args.input_size, train, pipeline)) if linprobe else \
         (lambda train: finetune_transform(args, train))
     pin = args.pin_mem and device.type == "cuda"
-    # RandAugment and random erasing draw from numpy and python too; the other transforms from torch only.
-    loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline,
-                                       torch_rng_only=linprobe),
-                          args.batch_size, world, rank, args.seed, args.num_workers, pin)
     val_set = KeyedSamples(val_folder, make_transform(False), args.seed, torch_rng_only=True)
     val_loader = build_eval_loader(val_set, args.batch_size, args.dist_eval, args.num_workers, pin)
-    log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
-             len(train_folder.classes))
+    if args.eval:
+        log.info("Dataset: %d val images in %d classes", len(val_folder), len(val_folder.classes))
+    else:
+        # RandAugment and random erasing draw from numpy and python too; the other transforms from torch only.
+        loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline,
+                                           torch_rng_only=linprobe),
+                              args.batch_size, world, rank, args.seed, args.num_workers, pin)
+        log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
+                 len(train_folder.classes))
 
-    kwargs = dict(num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size)
-    if not linprobe:
-        kwargs["drop_path_rate"] = args.drop_path
-    model = build_model(args.model, "classify", **kwargs)
+    model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
     if args.finetune and not args.eval:
         ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
     if linprobe:
@@ -103,6 +184,15 @@ def main(args, linprobe: bool = False) -> None:
     model.to(device)
     log.info("Model = %s", model)
     log.info("number of params (M): %.2f", sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    amp_dtype = resolve_amp(args.amp, device)
+
+    if args.eval:
+        ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
+        ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
+                                    args.model)
+        evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
+        dist_util.cleanup()
+        return
 
     resolve_lr(args)
 
@@ -113,7 +203,6 @@ def main(args, linprobe: bool = False) -> None:
                                   layer_decay=args.layer_decay)
         optimizer = adamw(groups, args.lr, device)
     log.info("Optimizer: %s", type(optimizer).__name__)
-    amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     mixup_fn = None if linprobe else build_mixup(args)
@@ -125,19 +214,16 @@ def main(args, linprobe: bool = False) -> None:
         criterion = torch.nn.CrossEntropyLoss()
     log.info("criterion = %s", criterion)
 
-    if args.eval:
-        if not args.resume:
-            raise UserError("--eval needs --resume CHECKPOINT (the fine-tuned weights to evaluate)")
-        ckpt = ckpt_lib.load_checkpoint_file(args.resume)
-        ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume)
-        evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
+    unreadable = []
+    found = ckpt_lib.find_resume_checkpoint(args, unreadable)
+    pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
+    if ckpt_lib.already_finished(pos, args, found):
         dist_util.cleanup()
         return
-
-    found = ckpt_lib.find_resume_checkpoint(args)
-    pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
     best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last)
+    del found  # its tensors (optimizer state too) must not stay in memory for the whole run
+    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last,
+                                         unreadable)
 
     def after_epoch(epoch: int):
         stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)

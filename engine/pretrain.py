@@ -8,7 +8,9 @@ batch composition (as in the official code), not only on the global batch.
 """
 import json
 import logging
+import math
 import os
+from types import SimpleNamespace
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -18,10 +20,12 @@ from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
 from .data import KeyedSamples, build_loader, image_folder, pretrain_transform
-from .mae_model import build_mae
+from .mae_model import build_mae, check_decoder_width, decoder_overrides
 from .optim import adamw
 from .preemption import StopRequest
-from .runtime import make_log_writer, resolve_amp, resolve_lr, setup_runtime, wrap_for_training
+from .runtime import (build_model, check_args, check_batch_fits, check_launch, check_output_dirs, check_resume_file,
+                      checkpoint_bytes, drop_future_resume, make_log_writer, resolve_amp, resolve_lr, setup_runtime,
+                      wrap_for_training)
 from .trainer import TrainingRun, fit
 from .uint8_pipeline import to_model_input
 
@@ -38,6 +42,65 @@ def check_pretrain_args(args) -> None:
                         "--mask_ratio; drop the flag")
     if args.vis_every < 0:
         raise UserError(f"--vis_every must be 0 (off) or a number of epochs, got {args.vis_every}")
+
+
+def check_mask(args, model) -> None:
+    """The mask removes at least one patch and leaves at least one visible, as the model rounds it
+    (MAE keeps int(L * (1 - ratio)) patches, MixMIM mixes int(L * ratio) of its L final tokens)."""
+    ratio = args.mask_ratio if args.mask_ratio is not None else model.default_mask_ratio
+    mixmim = hasattr(model, "out_num_patches")
+    length = model.out_num_patches if mixmim else model.mask_noise_len
+    if mixmim:
+        removed = int(length * ratio)
+        kept = length - math.floor(length * (ratio + args.range_mask_ratio))
+        what = "replaced" if not args.range_mask_ratio else "replaced (with --range_mask_ratio at its maximum)"
+    else:
+        kept = int(length * (1 - ratio))
+        removed, what = length - kept, "removed"
+    where = f"of the {length} {'tokens' if mixmim else 'patches'} at --input_size {args.input_size}"
+    if removed < 1:
+        raise UserError(f"--mask_ratio {ratio} masks no patch {where}: raise --mask_ratio or --input_size")
+    if kept < 1:
+        raise UserError(f"--mask_ratio {ratio} leaves no visible patch {where} (all are {what}): lower "
+                        f"--mask_ratio{' or --range_mask_ratio' if args.range_mask_ratio else ''}, or raise "
+                        "--input_size")
+
+
+def may_resume(args) -> bool:
+    """A checkpoint may set the decoder flags: --resume, or automatic resume from --output_dir."""
+    if args.resume:
+        return True
+    return bool(args.output_dir) and not args.no_auto_resume and os.path.isdir(args.output_dir) and any(
+        os.path.exists(p) for p in [os.path.join(args.output_dir, n) for n in (ckpt_lib.LAST, ckpt_lib.PREV)]
+        + ckpt_lib.numbered_checkpoints(args.output_dir))
+
+
+def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleNamespace:
+    """Every check of a pretraining command that needs neither a GPU nor a process group, so that
+    bad input fails before any training work (and, called by a SLURM launcher with
+    on_this_machine=False, before the job is submitted: CUDA and the launcher's environment are
+    then left to the job). args is not changed. Returns what main() reuses: the dataset listing
+    (`train_folder`) and the model on the meta device (`meta_model`, the decoder flags not yet
+    reconciled with a checkpoint)."""
+    check_args(args)
+    check_pretrain_args(args)
+    check_launch(args, world_size, on_this_machine)
+    overrides = decoder_overrides(args, None)
+    resuming = may_resume(args)
+    if not resuming:  # when resuming, unset decoder flags come from the checkpoint: checked then
+        check_decoder_width(args, overrides)
+    extra = {"range_mask_ratio": args.range_mask_ratio} if args.range_mask_ratio else {}
+    with torch.device("meta"):  # no memory, no initialisation
+        model = build_model(args.model, "pretrain", img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                            **({} if resuming else overrides), **extra)
+    if args.input_size % model.patch_size:
+        raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
+    check_mask(args, model)
+    check_resume_file(args)
+    folder = image_folder(args.data_path, "train")
+    check_batch_fits(folder, args.batch_size, world_size)
+    check_output_dirs(args, checkpoint_bytes(model))
+    return SimpleNamespace(train_folder=folder, meta_model=model)
 
 
 def mae_loss(mask_ratio: float, device: torch.device):
@@ -76,24 +139,21 @@ def reconstruction_hook(args, folder, model, log_writer):
 
 
 def main(args) -> None:
-    check_pretrain_args(args)
+    plan = preflight(args, dist_util.launched_world_size(args))
+    drop_future_resume(args)
     device = setup_runtime(args)
     world, rank = dist_util.get_world_size(), dist_util.get_rank()
     log.info("job dir: %s", os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     log.info("%s", json.dumps(ckpt_lib.plain_args(args), indent=1))
 
     # The checkpoint to resume is read first: its recorded decoder fills unset --decoder_* flags.
-    found = ckpt_lib.find_resume_checkpoint(args)
+    unreadable = []
+    found = ckpt_lib.find_resume_checkpoint(args, unreadable)
     model = build_mae(args, found)
-    if args.input_size % model.patch_size:
-        raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
     if args.mask_ratio is None:
         args.mask_ratio = model.default_mask_ratio
-    if args.mask_ratio * model.mask_noise_len < 1:
-        raise UserError(f"--mask_ratio {args.mask_ratio} masks no patch of the {model.mask_noise_len} at "
-                        f"--input_size {args.input_size}: raise one of them")
 
-    folder = image_folder(args.data_path, "train")
+    folder = plan.train_folder
     pipeline = args.data_pipeline or "uint8"
     dataset = KeyedSamples(folder, pretrain_transform(args.input_size, pipeline), args.seed,
                            model.mask_noise_len, pipeline, torch_rng_only=True)
@@ -114,8 +174,12 @@ def main(args) -> None:
     log.info("Optimizer: AdamW (fused), autocast: %s", amp_dtype or "off (fp32)")
 
     pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
+    if ckpt_lib.already_finished(pos, args, found):
+        dist_util.cleanup()
+        return
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last)
+    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last,
+                                         unreadable)
 
     log_writer = make_log_writer(args)
     run = TrainingRun(model=wrap_for_training(model, args, device), compute_loss=mae_loss(args.mask_ratio, device),

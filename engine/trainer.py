@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional
 import torch
 
 from util import dist as dist_util
-from util.errors import TrainingStopped
+from util.checkpoint_io import os_error_text
+from util.errors import TrainingStopped, UserError
 from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 
 from .data import iters_per_epoch
@@ -228,8 +229,15 @@ def fit(run: TrainingRun, args, pos, after_epoch: Optional[Callable] = None) -> 
         if args.output_dir and dist_util.is_main_process():
             if run.log_writer is not None:
                 run.log_writer.flush()
-            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            path = os.path.join(args.output_dir, "log.txt")
+            try:
+                with open(path, mode="a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                # The epoch's checkpoint is written: a rerun resumes after this epoch (its log line is lost).
+                raise UserError(f"cannot append to {path}: {os_error_text(e)}; the checkpoint of epoch {epoch} is "
+                                f"written and a rerun of the same command resumes from it: check the disk of "
+                                f"{args.output_dir} (free space, permissions)") from None
         if run.stop is not None and epoch + 1 < args.epochs and run.stop.agreed():
             run.stop.stop(f"after epoch {epoch}")
 

@@ -207,7 +207,7 @@ class MaskedAutoencoderViT(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6) ** .5
-        loss = (pred.float() - target) ** 2
+        loss = (pred - target) ** 2  # type promotion as the official code: bf16 pred - fp32 target is fp32
         loss = loss.mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 

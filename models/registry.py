@@ -57,10 +57,11 @@ def model_task(name: str) -> List[str]:
 
 
 def choices(task: Optional[str] = None, prefix: str = "") -> str:
-    """'a, b, c, or <rule>': the registered names (those starting with prefix when there are
-    any, else all) and the resolvers' rules, for error messages."""
-    names = list_models(prefix, task) or list_models(task=task)
-    return ", ".join(names + [f"or {rule}" for rule in rules(task)])
+    """'a, b, c, or <rule>': every registered name of the task, those starting with prefix first
+    (the family of a mistyped name), then the resolvers' rules, for error messages."""
+    names = list_models(task=task)
+    first = [n for n in names if prefix and n.startswith(prefix)]
+    return ", ".join(first + [n for n in names if n not in first] + [f"or {rule}" for rule in rules(task)])
 
 
 def create_model(name: str, task: Optional[str] = None, **kwargs):

@@ -25,6 +25,13 @@ class VisionTransformer(timm_vit.VisionTransformer):
     def uses_global_pool(self) -> bool:
         return self.global_pool == "avg"
 
+    def group_matcher(self, coarse: bool = False):
+        """Layer ids for timm.optim.param_groups_layer_decay, as the official get_layer_id_for_vit:
+        cls_token / pos_embed / patch_embed are layer 0, blocks.i layer i + 1, and everything else
+        (norm, fc_norm, head) the top layer with the full lr. timm's own matcher puts the final
+        norm one layer below the head, which gives it lr scale layer_decay on the class-token path."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre", blocks=[(r"^blocks\.(\d+)", None)])
+
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
 

@@ -71,10 +71,26 @@ def mae_train_flops(model, batch: int, mask_ratio: float, img_size) -> int:
     backward of the patch embedding is overcounted by one patch-embedding forward (the images
     need no gradient): 0.4% of the total for ViT-B/16 at 224, 7% for the mini model at 112.
     For ViT-B/16 at 224 with mask ratio 0.75 this is 19.56 GFLOP forward, 58.7 GFLOP per image
-    per training step. The forward count equals torch.utils.flop_counter.FlopCounterMode's
-    count of one forward pass (convolution, addmm and scaled-dot-product attention).
+    per training step. The forward count equals torch's count of one forward pass term by term
+    (counted_forward_flops: convolution, addmm, and attention as the math backend's bmm).
     """
     return 3 * batch * sum(mae_forward_flops_per_image(model, mask_ratio, img_size).values())
+
+
+def counted_forward_flops(model, images: torch.Tensor, mask_ratio: float) -> Dict[str, int]:
+    """torch's FLOP count of one forward pass, per aten op ('aten.addmm': ...).
+
+    Counted with scaled-dot-product attention on its math backend: FlopCounterMode has formulas
+    for some fused attention kernels and not others (torch 2.14 counts nothing for the CPU flash
+    kernel), and the kernel chosen depends on the torch version, device and shapes. The math
+    backend is plain bmm, counted the same everywhere.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images, mask_ratio=mask_ratio)
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 # --------------------------------------------------------------------------- device helpers

@@ -14,4 +14,4 @@ from util.slurm_launch import launch  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE fine-tuning", parents=[main_finetune.get_args_parser()])
-    sys.exit(launch(parser, "engine.finetune:main", "mae_finetune"))
+    sys.exit(launch(parser, "engine.finetune:main", "mae_finetune", preflight="engine.finetune:preflight"))

@@ -14,4 +14,5 @@ from util.slurm_launch import launch  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE linear probing", parents=[main_linprobe.get_args_parser()])
-    sys.exit(launch(parser, "engine.finetune:linprobe_main", "mae_linprobe"))
+    sys.exit(launch(parser, "engine.finetune:linprobe_main", "mae_linprobe",
+                    preflight="engine.finetune:linprobe_preflight"))

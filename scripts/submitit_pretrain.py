@@ -14,4 +14,4 @@ from util.slurm_launch import launch  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE pretraining", parents=[main_pretrain.get_args_parser()])
-    sys.exit(launch(parser, "engine.pretrain:main", "mae_pretrain"))
+    sys.exit(launch(parser, "engine.pretrain:main", "mae_pretrain", preflight="engine.pretrain:preflight"))

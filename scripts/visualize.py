@@ -14,7 +14,8 @@ The architecture (decoder ablations included), the training input size and norm_
 from the checkpoint's 'args' (checkpoints of this repo); for official checkpoints, which do not
 record them, give --model (and --norm_pix_loss when the weights were trained with it;
 mae_visualize_vit_large.pth was not). Encoder-only checkpoints (the official
-mae_pretrain_vit_*.pth) have no decoder and cannot reconstruct anything. Images are resized
+mae_pretrain_vit_*.pth) and classifiers (fine-tuned or linear-probed) have no decoder and cannot
+reconstruct anything: the script says which it was given. Images are resized
 (shorter side) and center-cropped to --input_size (default: the training size).
 
 The masks are deterministic: every image's noise comes from a torch.Generator seeded with
@@ -35,7 +36,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from engine.checkpoint import load_model_weights, recorded_args  # noqa: E402
+from engine.checkpoint import checkpoint_kind, load_model_weights, recorded_args  # noqa: E402
 from engine.mae_model import decoder_kwargs  # noqa: E402
 from engine.runtime import build_model  # noqa: E402
 from engine.visualize import (cat_results, check_images, find_images, fixed_noise,  # noqa: E402
@@ -96,6 +97,11 @@ def training_size(state_dict: dict, recorded) -> int:
 def model_from_checkpoint(args, ckpt: dict, device: torch.device):
     path = args.checkpoint
     sd = state_dict_of(ckpt, path)
+    if checkpoint_kind(sd) == "classify":
+        name = recorded_args(ckpt).get("model")
+        raise UserError(f"checkpoint {path} is a classifier{f' ({name})' if name else ''}, fine-tuned or "
+                        "linear-probed: it has a classification head and no decoder, so it cannot reconstruct "
+                        "images; give the pretraining checkpoint (main_pretrain.py's) it started from")
     if not has_decoder(sd):
         raise UserError(f"checkpoint {path} has no decoder weights (encoder-only, like the official "
                         f"mae_pretrain_vit_*.pth releases), so it cannot reconstruct images: {FULL_CHECKPOINT_HINT}")
@@ -146,6 +152,9 @@ def main(args) -> None:
     for r in args.mask_ratio:
         if not 0 < r < 1:
             raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {r}")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--input_size must be a positive image size in pixels (a multiple of the patch size; "
+                        f"default: the training size), got {args.input_size}")
     if args.scale is not None and args.scale < 1:
         raise UserError(f"--scale must be at least 1, got {args.scale}")
     device = torch.device(args.device)
@@ -154,7 +163,7 @@ def main(args) -> None:
     paths = find_images(args.images)
     check_images(paths)
 
-    ckpt = load_checkpoint_file(args.checkpoint)
+    ckpt = load_checkpoint_file(args.checkpoint, "--checkpoint")
     model, name, train_size = model_from_checkpoint(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:

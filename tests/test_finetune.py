@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import MINI, assert_ok, pretrain, run_main
-from engine.checkpoint import load_pretrained_encoder
+from conftest import MINI, assert_ok, one_line_error, pretrain, run_main
+from engine.checkpoint import load_model_weights, load_pretrained_encoder
 from engine.optim import LARS, param_groups_lrd
 from util.errors import UserError
 
@@ -129,6 +129,52 @@ def test_encoder_only_and_bad_checkpoints(pretrained, tmp_path):
                                 str(bare), head_init_std=2e-5)
 
 
+def test_finetune_errors_talk_about_finetune(pretrained, tmp_path):
+    """--finetune problems name --finetune (never --resume) and say what the checkpoint records."""
+    model = models.create_model("vit_mini_patch16", img_size=64, num_classes=2)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(pretrained.read_bytes()[:5000])
+    for path, start in ((tmp_path / "nope.pth", f"--finetune {tmp_path / 'nope.pth'} does not exist: give the path "
+                                                "of a checkpoint file"),
+                        (truncated, f"--finetune {truncated} is truncated or corrupt (")):
+        with pytest.raises(UserError) as e:
+            load_pretrained_encoder(model, str(path), head_init_std=2e-5)
+        assert str(e.value).startswith(start) and "resume" not in str(e.value), str(e.value)
+        assert "copy or download the pretraining checkpoint again, or give another --finetune" in str(e.value) \
+            or "does not exist" in str(e.value)
+    tiny = models.create_model("vit_tiny_patch16", img_size=64, num_classes=2)
+    with pytest.raises(UserError, match=r"check that --model matches the pretrained encoder \(it records --model "
+                                        r"mae_vit_mini_patch16\)$"):
+        load_pretrained_encoder(tiny, str(pretrained), head_init_std=2e-5)
+
+
+def test_checkpoint_of_another_kind_says_what_it_is(pretrained):
+    ckpt = load(pretrained)
+    pooled = models.create_model("vit_mini_patch16", img_size=64, num_classes=2, global_pool=True)
+    with pytest.raises(UserError, match=rf"checkpoint {pretrained} is a pretraining checkpoint of "
+                                        rf"mae_vit_mini_patch16 \(encoder and decoder\), not a classifier: start "
+                                        rf"fine-tuning or linear probing from it with --finetune {pretrained};"):
+        load_model_weights(pooled, ckpt["model"], str(pretrained), ckpt["args"], "vit_mini_patch16")
+    encoder = {k: v for k, v in ckpt["model"].items() if not k.startswith(("decoder_", "mask_token"))}
+    with pytest.raises(UserError, match=r"holds encoder weights without a classification head .*--finetune"):
+        load_model_weights(pooled, encoder, "enc.pth")
+    cls_token = models.create_model("vit_mini_patch16", img_size=64, num_classes=2, global_pool=False)
+    with pytest.raises(UserError, match=r"its head was trained with --global_pool \(averaged patch tokens, "
+                                        r"fc_norm\); pass that flag$"):
+        load_model_weights(cls_token, pooled.state_dict(), "ft.pth")
+    mae = models.create_model("mae_vit_mini_patch16", "pretrain", img_size=64)
+    with pytest.raises(UserError, match=r"is a classifier \(fine-tuned or linear-probed\), not a pretraining "
+                                        r"checkpoint"):
+        load_model_weights(mae, pooled.state_dict(), "ft.pth")
+
+
+def test_eval_of_a_pretraining_checkpoint_suggests_finetune(two_classes, pretrained, tmp_path):
+    err = one_line_error(finetune([*FT, "--data_path", two_classes, "--eval", "--resume", pretrained,
+                                   "--batch_size", 4]))
+    assert f"is a pretraining checkpoint of mae_vit_mini_patch16 (encoder and decoder), not a classifier: start " \
+           f"fine-tuning or linear probing from it with --finetune {pretrained}" in err
+
+
 # ----------------------------------------------------------------------------- optimizers
 def official_layer_groups(model, weight_decay, layer_decay):
     """The BEiT / official MAE rule, written out independently."""
@@ -148,10 +194,11 @@ def official_layer_groups(model, weight_decay, layer_decay):
     return groups
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16", "vit_large_patch16"])
-def test_layer_decay_groups_follow_the_official_rule(name):
+@pytest.mark.parametrize("global_pool", [True, False], ids=["global_pool", "cls_token"])
+@pytest.mark.parametrize("name", ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_small_patch16_224"])
+def test_layer_decay_groups_follow_the_official_rule(name, global_pool):
     with torch.device("meta"):
-        model = models.create_model(name, num_classes=10, global_pool=True)
+        model = models.create_model(name, num_classes=10, global_pool=global_pool)
     names = {id(p): n for n, p in model.named_parameters()}
     got = {}
     for g in param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.65):
@@ -161,6 +208,9 @@ def test_layer_decay_groups_follow_the_official_rule(name):
     assert got == expected
     depth = len(model.blocks)
     assert min(k[0] for k in got) == pytest.approx(0.65 ** (depth + 1))  # patch embedding, cls, pos
+    final_norm = "fc_norm" if global_pool else "norm"
+    assert {n for k, ns in got.items() if k[0] == 1.0 for n in ns} == {
+        f"{final_norm}.weight", f"{final_norm}.bias", "head.weight", "head.bias"}
 
 
 def test_lars_matches_the_official_update():

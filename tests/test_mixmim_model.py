@@ -580,3 +580,17 @@ def test_registry():
         m = create_model("mixmim_base", task="pretrain", norm_pix_loss=False, decoder_depth=2, img_size=448)
     assert m.norm_pix_loss is False and len(m.decoder_blocks) == 2 and m.mask_grid == (14, 14)
     assert m.mask_noise_len == 197
+
+
+def test_loss_keeps_the_official_type_promotion(mini):
+    """The official loss is ((x_rec - target) ** 2).mean() with no cast: float64 stays float64."""
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    target = ref_patchify(imgs)
+    if mini.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    pred = torch.randn(target.shape, dtype=torch.float64)
+    loss = mini.forward_loss(imgs, pred)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean(), rtol=1e-13, atol=0)
+    assert mini.forward_loss(imgs.float(), pred.bfloat16()).dtype == torch.float32

@@ -326,6 +326,24 @@ def test_forward_loss_matches_outputs(mini):
     torch.testing.assert_close(loss.double(), ref_loss(imgs, pred, mask, 16, False), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_loss_keeps_the_official_type_promotion(norm_pix):
+    """No cast of pred: float64 stays float64 (the official loss), bf16 pred with fp32 pixels is fp32."""
+    torch.manual_seed(0)
+    m = create_model("mae_vit_mini_patch16", img_size=64, norm_pix_loss=norm_pix)
+    imgs = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    pred = torch.randn(2, 16, 768, dtype=torch.float64)
+    _, mask, _ = m.random_masking(torch.zeros(2, 16, 1), 0.75, noise=torch.rand(2, 16))
+    loss = m.forward_loss(imgs, pred, mask.double())
+    assert loss.dtype == torch.float64
+    # A float32 round trip anywhere would leave ~1e-8 relative error.
+    torch.testing.assert_close(loss, ref_loss(imgs, pred, mask, 16, norm_pix), rtol=1e-13, atol=0)
+    low = m.forward_loss(imgs.float(), pred.bfloat16(), mask)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), ref_loss(imgs.float(), pred.bfloat16(), mask, 16, norm_pix),
+                               rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- 6. determinism
 def test_noise_makes_forward_deterministic(mini):
     torch.manual_seed(0)

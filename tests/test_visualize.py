@@ -329,7 +329,11 @@ def bad_inputs(tmp_path_factory, images):
     ns = dict(tmp=tmp, photo=images / "astronaut_0.jpg", out=tmp / "out",
               full=save_checkpoint(tmp / "full.pth"),
               bare=save_checkpoint(tmp / "official_style.pth", with_args=False),
-              encoder=save_checkpoint(tmp / "mae_pretrain_vit_mini.pth", encoder_only=True))
+              encoder=save_checkpoint(tmp / "mae_pretrain_vit_mini.pth", encoder_only=True),
+              classifier=tmp / "finetuned.pth")
+    classifier = models.create_model("vit_mini_patch16", img_size=SIZE, num_classes=2, global_pool=True)
+    torch.save({"model": classifier.state_dict(), "args": {"model": "vit_mini_patch16", "input_size": SIZE}},
+               ns["classifier"])
     (tmp / "empty").mkdir()
     (tmp / "garbage.jpg").write_bytes(b"this is not a jpeg")
     (tmp / "empty_run").mkdir()
@@ -384,9 +388,13 @@ def test_bad_input_process_exits_2_with_one_line(error_runs, bad_inputs, case):
     ("missing_image", "image path {tmp}/nope.jpg does not exist: give image files or folders of images"),
     ("empty_folder", "no images found in folder {tmp}/empty: supported extensions are"),
     ("no_model", "checkpoint {bare} does not record its architecture: pass --model"),
-    ("missing_checkpoint", "checkpoint {tmp}/nope.pth does not exist"),
+    ("missing_checkpoint", "--checkpoint {tmp}/nope.pth does not exist"),
+    ("classifier", "checkpoint {classifier} is a classifier (vit_mini_patch16), fine-tuned or linear-probed: it "
+                   "has a classification head and no decoder, so it cannot reconstruct images; give the "
+                   "pretraining checkpoint"),
     ("mask_ratio", "--mask_ratio must be between 0 and 1 (exclusive), got 1.0"),
     ("input_size", "--input_size 72 is not divisible by the patch size 16"),
+    ("input_size_0", "--input_size must be a positive image size in pixels"),
 ])
 def test_bad_input_in_process(visualize_cli, bad_inputs, capsys, case, expected):
     b = bad_inputs
@@ -395,8 +403,10 @@ def test_bad_input_in_process(visualize_cli, bad_inputs, capsys, case, expected)
         "empty_folder": visualize_args(b["full"], b["out"], [b["tmp"] / "empty"]),
         "no_model": visualize_args(b["bare"], b["out"], [b["photo"]]),
         "missing_checkpoint": visualize_args(b["tmp"] / "nope.pth", b["out"], [b["photo"]]),
+        "classifier": visualize_args(b["classifier"], b["out"], [b["photo"]]),
         "mask_ratio": visualize_args(b["full"], b["out"], [b["photo"]], "--mask_ratio", "0.75", "1.0"),
         "input_size": visualize_args(b["full"], b["out"], [b["photo"]], "--input_size", "72"),
+        "input_size_0": visualize_args(b["full"], b["out"], [b["photo"]], "--input_size", "0"),
     }[case]
     code = run_cli(visualize_cli.main, visualize_cli.get_args_parser().parse_args(list(map(str, argv))))
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,15 +1,8 @@
 """Run a CLI entry point: expected failures become one line on stderr and an exit code."""
-import os
 import sys
 
+from .dist import launcher_rank as _rank
 from .errors import TrainingStopped, UserError
-
-
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def run_cli(main, args) -> int:

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 _CPU_GROUP = None
 
@@ -34,6 +36,14 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def launcher_rank() -> int:
+    """This process's rank from the launcher's environment (before or without a process group)."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 def first_host(nodelist: str) -> str:
     """First host name of a SLURM node list such as 'gpu[007-009,012],cpu3' -> 'gpu007'."""
     first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
@@ -49,11 +59,26 @@ def slurm_master_port(job_id: str) -> int:
     return 15000 + int(job_id) % 20000
 
 
+_ITP_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MASTER_ADDR",
+             "MASTER_PORT")
+
+
+def launched_world_size(args) -> int:
+    """The number of processes the launcher started (1 without one), before any process group exists."""
+    return _launch_env(getattr(args, "dist_on_itp", False), getattr(args, "port", None))[1]
+
+
 def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
     """(rank, world_size, local_rank, dist_url or None) from the launcher's environment; `port` is
     the master port of an srun launch (default: derived from the job id)."""
     env = os.environ
     if dist_on_itp:
+        missing = [v for v in _ITP_VARS if v not in env]
+        if missing:
+            raise UserError(f"--dist_on_itp takes the ranks from OpenMPI's environment, but {', '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not set: start the processes with mpirun "
+                            "(and MASTER_ADDR/MASTER_PORT exported), or drop --dist_on_itp (torchrun and srun "
+                            "need no flag)")
         rank = int(env["OMPI_COMM_WORLD_RANK"])
         world = int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])

@@ -7,9 +7,11 @@
 #
 # Environment (same values for start/stop/status):
 #   MAE_SLURM_DIR     state dir: spool, logs, pid files                (default /tmp/mae-slurm)
-#   MAE_SLURM_NODES   1: node "localhost"; 2: emulated nodes node1,node2 (default 1)
+#   MAE_SLURM_NODES   1: node "localhost"; 2: emulated nodes node1,node2 (default 2)
 #   MAE_SLURM_CPUS    CPUs declared per node                            (default 4)
 #   MAE_SLURM_MEM_MB  RealMemory declared per node, MB                  (default 16000)
+#   MAE_SLURM_GPUS    fake GPUs (gres/gpu) per node: jobs may request them and see
+#                     CUDA_VISIBLE_DEVICES, with no GPU behind it         (default 1; 0: none)
 #
 # Exit codes: 0 ok; 1 failure (`status`: down); 2 usage;
 #   3 cannot run here (not root, no apt-get/dpkg, packages cannot be installed,
@@ -17,11 +19,14 @@
 set -euo pipefail
 
 DIR="${MAE_SLURM_DIR:-/tmp/mae-slurm}"
-NODES="${MAE_SLURM_NODES:-1}"
+NODES="${MAE_SLURM_NODES:-2}"
 CPUS="${MAE_SLURM_CPUS:-4}"
 MEM_MB="${MAE_SLURM_MEM_MB:-16000}"
+GPUS="${MAE_SLURM_GPUS:-1}"
 CONF=/etc/slurm/slurm.conf            # where the daemons and clients read it
 BACKUP=/etc/slurm/slurm.conf.mae-slurm-backup   # beside the original: survives a wiped /tmp
+GRES_CONF=/etc/slurm/gres.conf
+GRES_BACKUP=/etc/slurm/gres.conf.mae-slurm-backup
 MARKER="# mae-local-slurm: written by scripts/slurm/local_cluster.sh"
 HOSTS_MARKER="# mae-local-slurm"
 PKGS=(slurmctld slurmd slurm-client munge)
@@ -95,6 +100,36 @@ install_packages() {
   say "installed in $((SECONDS - t0)) s"
 }
 
+# Fake GPUs: gres/gpu needs a character device per GPU (regular files are refused); one
+# that reads like /dev/null will do, since nothing opens it. Falls back to no GPUs.
+make_fake_gpus() {
+  local n i f
+  [[ "$GPUS" -gt 0 ]] || return 0
+  mkdir -p "$DIR/gpu"
+  for n in $(node_names); do
+    for ((i = 0; i < GPUS; i++)); do
+      f="$DIR/gpu/$n-nvidia$i"
+      [[ -c "$f" ]] && continue
+      rm -f "$f"
+      if ! mknod -m 0666 "$f" c 1 3 2>/dev/null; then
+        say "cannot create fake GPU device files here (mknod failed): no GPUs"
+        GPUS=0
+        return 0
+      fi
+    done
+  done
+}
+
+gen_gres_conf() {
+  local n i
+  echo "$MARKER"
+  for n in $(node_names); do
+    for ((i = 0; i < GPUS; i++)); do
+      echo "NodeName=$n Name=gpu File=$DIR/gpu/$n-nvidia$i"
+    done
+  done
+}
+
 gen_slurm_conf() {
   local nodeline
   if [[ "$NODES" == 2 ]]; then
@@ -103,6 +138,9 @@ gen_slurm_conf() {
     nodeline="NodeName=node[1-2] NodeAddr=127.0.0.1 Port=[17001-17002]"
   else
     nodeline="NodeName=localhost NodeAddr=127.0.0.1"
+  fi
+  if [[ "$GPUS" -gt 0 ]]; then
+    nodeline+=" Gres=gpu:$GPUS"
   fi
   cat <<EOF
 $MARKER
@@ -140,6 +178,7 @@ SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
+GresTypes=gpu
 $nodeline CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -153,7 +192,15 @@ install_slurm_conf() {
     say "backed up existing $CONF to $BACKUP"
   fi
   install -m 0644 "$DIR/slurm.conf" "$CONF"
+  if [[ -e "$GRES_CONF" ]] && ! grep -qxF "$MARKER" "$GRES_CONF" && [[ ! -e "$GRES_BACKUP" ]]; then
+    cp -p "$GRES_CONF" "$GRES_BACKUP"
+    say "backed up existing $GRES_CONF to $GRES_BACKUP"
+  fi
+  install -m 0644 "$DIR/gres.conf" "$GRES_CONF"
 }
+
+# Both files as this configuration wants them.
+conf_current() { cmp -s "$DIR/slurm.conf" "$CONF" && cmp -s "$DIR/gres.conf" "$GRES_CONF"; }
 
 # Emulated node names must resolve.
 add_hosts_entry() {
@@ -306,11 +353,14 @@ cmd_start() {
   [[ "$(id -u)" -eq 0 ]] || cant_run "must be root (installs packages, writes $CONF, starts daemons)"
   command -v dpkg-query >/dev/null || cant_run "no dpkg (not a Debian system)"
   [[ "$NODES" == 1 || "$NODES" == 2 ]] || die "MAE_SLURM_NODES must be 1 or 2" 2
+  [[ "$GPUS" =~ ^[0-9]+$ ]] || die "MAE_SLURM_GPUS must be a number of GPUs per node" 2
   mkdir -p "$DIR"/{run,log,ctld,slurmd,jobs}
   lock_state_dir
+  make_fake_gpus
   gen_slurm_conf >"$DIR/slurm.conf"
+  gen_gres_conf >"$DIR/gres.conf"
 
-  if cluster_up && cmp -s "$DIR/slurm.conf" "$CONF"; then
+  if cluster_up && conf_current; then
     say "already up: $(sinfo_nodes | tr '\n' ' ')"
     return 0
   fi
@@ -323,7 +373,7 @@ cmd_start() {
     [[ "$p" == "$ours" ]] || cant_run "a slurmctld not started by this script is running (pid $p)"
   done
   # Running with another configuration (other MAE_SLURM_* values): restart from scratch.
-  if ! cmp -s "$DIR/slurm.conf" "$CONF"; then
+  if ! conf_current; then
     stop_slurm_daemons
   fi
   install_slurm_conf
@@ -350,12 +400,18 @@ cmd_stop() {
   elif grep -qxF "$MARKER" "$CONF" 2>/dev/null; then
     rm -f "$CONF"
   fi
+  if [[ -e "$GRES_BACKUP" ]]; then
+    mv -f "$GRES_BACKUP" "$GRES_CONF"
+    say "restored original $GRES_CONF"
+  elif grep -qxF "$MARKER" "$GRES_CONF" 2>/dev/null; then
+    rm -f "$GRES_CONF"
+  fi
   remove_hosts_entry
 }
 
 cmd_status() {
   if cluster_up; then
-    echo "up: $(sinfo_nodes | tr '\n' ' ')"
+    echo "up: $(sinfo_nodes | tr '\n' ' ')gres: $(timeout 15 sinfo -h -o %G 2>/dev/null | sort -u | tr '\n' ' ')"
     return 0
   fi
   if daemons_alive; then
@@ -370,6 +426,6 @@ case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status  (env: MAE_SLURM_DIR MAE_SLURM_NODES MAE_SLURM_CPUS MAE_SLURM_MEM_MB)" >&2
+  *) echo "usage: $0 start|stop|status  (env: MAE_SLURM_DIR MAE_SLURM_NODES MAE_SLURM_CPUS MAE_SLURM_MEM_MB MAE_SLURM_GPUS)" >&2
      exit 2 ;;
 esac
