@@ -7,7 +7,8 @@ Stages, each a child process with its own time limit, so one that hangs or dies 
 own slot and the others still report:
   env       versions (python, torch, CUDA, driver, GPUs, torchvision, timm, transformers, numpy, Pillow)
   data      a JPEG dataset of ImageNet-like sizes made from the bundled photos (no download)
-  pytest    `pytest -m gpu`: the CUDA tests of tests/test_gpu.py (they skip without a GPU)
+  pytest    `pytest -m gpu`: the CUDA tests (tests/test_gpu.py and the CUDA cases of other files; they
+            skip without a GPU)
   step      scripts/benchmark.py step mode: ViT-B/16 and ViT-L/16 MAE, bf16, eager and --compile,
             interleaved with transformers' ViTMAE in the official loop (--peer); ViT-H/14 and
             MixMIM-B when the budget allows
@@ -170,7 +171,7 @@ class Check:
 
     def pytest(self) -> None:
         r = self.run("pytest", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                "tests/test_gpu.py"], timeout=min(110, max(30, self.left() - RESERVE_S - 60)))
+                                "tests"], timeout=min(110, max(30, self.left() - RESERVE_S - 60)))
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", r["tail"])}
         r.update(counts)
         r["failures"] = re.findall(r"^(?:FAILED|ERROR) (\S+)", r["tail"], re.M)

@@ -1,19 +1,26 @@
 """torch.compile of the MAE model: same numbers as eager, one graph for every mask."""
+import pytest
 import torch
 import torch._dynamo
 
 import models
 
 
-def test_compiled_model_matches_eager_without_recompiling():
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_model_matches_eager_without_recompiling(device):
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides of the comparison
     torch.manual_seed(0)
-    model = models.create_model("mae_vit_mini_patch16", img_size=32)
+    model = models.create_model("mae_vit_mini_patch16", img_size=32).to(device)
     compiled = torch.compile(model)
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new mask must not trigger a recompile
         for step in range(3):
-            imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 4)
+            imgs, noise = torch.randn(4, 3, 32, 32, device=device), torch.rand(4, 4, device=device)
             loss_c, pred_c, mask_c = compiled(imgs, mask_ratio=0.75, noise=noise)
             loss_e, pred_e, mask_e = model(imgs, mask_ratio=0.75, noise=noise)
             assert torch.equal(mask_c, mask_e)
