@@ -198,7 +198,7 @@ def image_folder(data_path: str, split: str, allow_empty_classes: bool = True) -
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]) >> 1  # numpy 1.x: no uint64 >> int
 
 
 def pil_image(path: str):
