@@ -45,9 +45,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
 
-    parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    parser.add_argument("--world_size", default=1, type=int,
+                        help="kept for official commands only: the number of processes is the launcher's "
+                             "(torchrun, srun); another value is ignored with a warning")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
-                        help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+                        help="kept for official commands only (torch.distributed.launch passes it); ignored: the "
+                             "local rank comes from the launcher's environment (LOCAL_RANK, SLURM_LOCALID)")
     parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI variables")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     parser.add_argument("--port", default=None, type=int,

@@ -13,13 +13,20 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
-
+from models.state_dict import checkpoint_kind, other_head_pooling
 from util import dist as dist_util
-from util.checkpoint_io import (CheckpointError, WriteError, atomic_save, load_checkpoint_file, os_error_text,
-                                remove_stale_temp_files)
+from util.checkpoint_io import (
+    CheckpointError,
+    WriteError,
+    atomic_save,
+    load_checkpoint_file,
+    os_error_text,
+    remove_stale_temp_files,
+)
 from util.errors import UserError
 from util.rng import get_rng_state, set_rng_state
+
+from .distributed import DataParallel
 
 log = logging.getLogger("mae")
 
@@ -67,16 +74,22 @@ def numbered_checkpoints(output_dir: str) -> List[str]:
 
 
 class Checkpointer:
-    """Writes checkpoints on rank 0; every rank must call save() (RNG states are gathered).
+    """Writes checkpoints on rank 0; every rank must call save() (RNG states, and with a sharded
+    strategy the model and optimizer state, are gathered).
+
+    model: the training model; `strategy` (engine/distributed.py, default: DataParallel) gives its
+    full state dict, with the plain module's keys.
 
     unreadable: checkpoint files of output_dir that failed to load (find_resume_checkpoint's
     list). They are renamed aside, so the next save cannot rotate a broken checkpoint-last.pth
     into checkpoint-prev.pth, the copy a later fallback would rely on.
     """
 
-    def __init__(self, output_dir: str, model, optimizer, scaler, args, keep_last: int = 0, unreadable=()):
+    def __init__(self, output_dir: str, model, optimizer, scaler, args, keep_last: int = 0, unreadable=(),
+                 strategy=None):
         self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
         self.args, self.keep_last = args, keep_last
+        self.strategy = strategy if strategy is not None else DataParallel()
         self._no_rotate = False  # checkpoint-last.pth is known to be broken and could not be moved
         if output_dir and dist_util.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
@@ -107,11 +120,13 @@ class Checkpointer:
         if not self.output_dir:
             return
         rng = dist_util.all_gather_object(get_rng_state())
+        model_state = self.strategy.model_state(self.model)
+        optimizer_state = self.strategy.optimizer_state(self.model, self.optimizer)
         if not dist_util.is_main_process():
             return
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "epoch_iter": epoch_iter,
@@ -213,16 +228,6 @@ def mismatch_report(own: dict, state: dict, allowed_missing=()) -> str:
                                         ("shape mismatch", shapes)) if keys)
 
 
-def checkpoint_kind(state_dict: dict) -> str:
-    """'pretrain' (an MAE / MixMIM with its decoder), 'classify' (a classification head) or
-    'encoder' (neither: encoder weights only, like the official mae_pretrain_vit_*.pth)."""
-    if any(k.startswith("decoder_pred.") for k in state_dict):
-        return "pretrain"
-    if any(k.startswith("head.") for k in state_dict):
-        return "classify"
-    return "encoder"
-
-
 def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[dict] = None,
                        model_name: Optional[str] = None) -> None:
     """Strict load with a one-line error naming the mismatching keys, what the checkpoint is when
@@ -247,11 +252,9 @@ def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[
         raise UserError(f"checkpoint {source} is a classifier{what} (fine-tuned or linear-probed), not a "
                         "pretraining checkpoint: resume pretraining from a checkpoint of main_pretrain.py, or "
                         "evaluate this one with main_finetune.py --eval --resume")
-    own = model.state_dict()
-    pooled_ckpt = "fc_norm.weight" in state_dict
-    other_head = pooled_ckpt != ("fc_norm.weight" in own) and "norm.weight" in (own if pooled_ckpt else state_dict)
+    other_head = other_head_pooling(model.state_dict(), state_dict)
     if want == have == "classify" and other_head:
-        head = ("--global_pool (averaged patch tokens, fc_norm)" if pooled_ckpt
+        head = ("--global_pool (averaged patch tokens, fc_norm)" if other_head == "avg"
                 else "--cls_token (class token after the final norm)")
         raise UserError(f"checkpoint {source} does not fit the model ({problems}): its head was trained with "
                         f"{head}; pass that flag")
@@ -311,55 +314,27 @@ def already_finished(pos: Position, args, ckpt: Optional[dict]) -> bool:
     return True
 
 
-DECODER_PREFIXES = ("decoder_", "mask_token")
-
-
 def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
-    """--finetune: encoder weights from a pretraining checkpoint into a ViT classifier.
+    """--finetune: encoder weights from a pretraining checkpoint into a classifier.
 
     Accepts this project's checkpoints, official ones ({'model': ...}) and bare encoder state
-    dicts. Drops the decoder, resamples the position table to the model's patch grid, and
-    re-initialises the head (trunc_normal, std head_init_std). Only the head (and fc_norm with
-    global pooling) may be missing; anything else missing or unexpected is an error.
+    dicts. The classifier adapts them (models/base.py PretrainedClassifier.adapt_pretrained: the
+    decoder dropped, position tables fitted to its grid, ...) and re-initialises its head
+    (trunc_normal, std head_init_std). Only its allowed_missing_keys may be missing; anything
+    else missing or unexpected is an error.
     """
     ckpt = load_checkpoint_file(path, "--finetune")
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(DECODER_PREFIXES)}
-    own = model.state_dict()
-    for k in ("head.weight", "head.bias"):
-        if k in state and state[k].shape != own[k].shape:
-            del state[k]  # another number of classes
-    if "norm.weight" not in own:
-        # A ViT's pooled head uses fc_norm instead of the encoder's final norm (MixMIM keeps its norm).
-        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model)
-        log.info("Resampled the position embedding of %s to a %dx%d patch grid", path, *model.patch_embed.grid_size)
-    if "absolute_pos_embed" in state and state["absolute_pos_embed"].shape != own["absolute_pos_embed"].shape:
-        del state["absolute_pos_embed"]  # MixMIM's fixed sin-cos table: the model made its own for its grid
-
-    allowed_missing = {"head.weight", "head.bias", "absolute_pos_embed"} | (
-        {"fc_norm.weight", "fc_norm.bias"} if "fc_norm.weight" in own else set())
-    problems = mismatch_report(own, state, allowed_missing)
+    try:
+        state = model.adapt_pretrained(state)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    problems = mismatch_report(model.state_dict(), state, model.allowed_missing_keys)
     if problems:
         saved = recorded_args(ckpt).get("model")
         what = f" (it records --model {saved})" if saved else ""
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
                         f"({problems}): check that --model matches the pretrained encoder{what}")
     model.load_state_dict(state, strict=False)
-    torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    model.init_head(head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, model) -> torch.Tensor:
-    """Bicubic resampling of the patch part of a (1, 1 + h*w, D) table (the official
-    interpolate_pos_embed: no antialiasing), keeping the cls row."""
-    from timm.layers import resample_abs_pos_embed
-
-    prefix = model.num_prefix_tokens
-    old = int(round((pos_embed.shape[1] - prefix) ** 0.5))
-    if old * old != pos_embed.shape[1] - prefix:
-        raise UserError(f"cannot resample a position embedding of {pos_embed.shape[1] - prefix} patches "
-                        "(not a square grid)")
-    return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), old_size=[old, old],
-                                  num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)

@@ -15,16 +15,27 @@ from util.checkpoint_io import check_checkpoint_file
 from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
-from .augment import check_auto_augment
-from .data import (KeyedSamples, build_eval_loader, build_loader, finetune_transform, image_folder,
-                   linprobe_transform)
+from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes, drop_future_resume
+from .data import (
+    LoaderSettings,
+    check_auto_augment,
+    check_batch_fits,
+    eval_loader,
+    finetune_transform,
+    image_folder,
+    linprobe_transform,
+    to_model_input,
+    train_loader,
+)
+from .distributed import DataParallel
 from .evaluate import evaluate
+from .logs import make_log_writer
+from .lr_sched import resolve_lr
+from .model_factory import build_model
 from .optim import LARS, adamw, param_groups_lrd
-from .uint8_pipeline import to_model_input
+from .precision import resolve_amp
 from .preemption import StopRequest
-from .runtime import (build_model, check_args, check_batch_fits, check_launch, check_output_dirs, check_resume_file,
-                      checkpoint_bytes, drop_future_resume, make_log_writer, resolve_amp, resolve_lr, setup_runtime,
-                      wrap_for_training)
+from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
 
 log = logging.getLogger("mae")
@@ -60,10 +71,18 @@ def make_linear_probe(model) -> None:
         p.requires_grad = True
 
 
+def _has_class_token(name: str) -> bool:
+    """The classifier's answer (models/base.py PretrainedClassifier), from the model with its
+    defaults on the meta device: no memory, no initialisation."""
+    with torch.device("meta"):
+        return build_model(name, "classify").has_class_token
+
+
 def _global_pool(args, linprobe: bool) -> bool:
-    """The official defaults: pooled for fine-tuning, class token for probing; MixMIM always pools."""
+    """The official defaults: pooled for fine-tuning, class token for probing; a model without a
+    class token (MixMIM) always pools."""
     if args.global_pool is None:
-        return args.model.startswith("mixmim") or not linprobe
+        return not linprobe or not _has_class_token(args.model)
     return args.global_pool
 
 
@@ -72,8 +91,8 @@ def check_classification_args(args, linprobe: bool) -> None:
     if not linprobe and args.data_pipeline in ("uint8", "device_decode"):
         raise UserError(f"--data_pipeline {args.data_pipeline} cannot fine-tune: RandAugment and random erasing "
                         "work on PIL images; drop the flag (or use --data_pipeline pil)")
-    if args.model.startswith("mixmim") and args.global_pool is False:
-        raise UserError(f"--cls_token: {args.model} has no class token (MixMIM pools its last stage); drop the flag")
+    if args.global_pool is False and not _has_class_token(args.model):
+        raise UserError(f"--cls_token: {args.model} has no class token (it pools its last stage); drop the flag")
     if args.nb_classes < 1:
         raise UserError(f"--nb_classes must be at least 1, got {args.nb_classes}")
     if args.eval:
@@ -126,7 +145,7 @@ def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: boo
     check_launch(args, world_size, on_this_machine)
     with torch.device("meta"):  # no memory, no initialisation
         model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
-    patch = getattr(model, "encoder_stride", None) or model.patch_embed.patch_size[0]
+    patch = model.input_stride
     if args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     train_folder = None
@@ -152,30 +171,48 @@ def linprobe_preflight(args, world_size: int, on_this_machine: bool = True) -> S
 
 
 def main(args, linprobe: bool = False) -> None:
+    """Fine-tuning (linprobe=True: linear probing), or with --eval the evaluation of --resume."""
     plan = preflight(args, dist_util.launched_world_size(args), linprobe=linprobe)
     args.global_pool = _global_pool(args, linprobe)
     if not args.eval:
         drop_future_resume(args)
     device = setup_runtime(args, make_output_dir=not args.eval)
-    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+    loader, val_loader = _data(args, plan, device, linprobe)
+    model = _model(args, device, linprobe)
+    amp_dtype = resolve_amp(args.amp, device)
+    if args.eval:
+        _evaluate_only(args, model, val_loader, device, amp_dtype)
+    else:
+        resolve_lr(args)
+        optimizer, compute_loss = _optimizer_and_loss(args, model, device, linprobe)
+        _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype, linprobe)
+    dist_util.cleanup()
 
+
+def _data(args, plan, device, linprobe: bool):
+    """(train loader, val loader); no train loader with --eval."""
+    world, rank = dist_util.get_world_size(), dist_util.get_rank()
     train_folder, val_folder = plan.train_folder, plan.val_folder
     pipeline = args.data_pipeline or ("uint8" if linprobe else "pil")
     make_transform = (lambda train: linprobe_transform(args.input_size, train, pipeline)) if linprobe else \
         (lambda train: finetune_transform(args, train))
-    pin = args.pin_mem and device.type == "cuda"
-    val_set = KeyedSamples(val_folder, make_transform(False), args.seed, torch_rng_only=True)
-    val_loader = build_eval_loader(val_set, args.batch_size, args.dist_eval, args.num_workers, pin)
+    feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, args.pin_mem and device.type == "cuda",
+                          world, rank)
+    val_loader = eval_loader(val_folder, make_transform(False), feed, shard=args.dist_eval)
+    loader = None
     if args.eval:
         log.info("Dataset: %d val images in %d classes", len(val_folder), len(val_folder.classes))
     else:
         # RandAugment and random erasing draw from numpy and python too; the other transforms from torch only.
-        loader = build_loader(KeyedSamples(train_folder, make_transform(True), args.seed, pipeline=pipeline,
-                                           torch_rng_only=linprobe),
-                              args.batch_size, world, rank, args.seed, args.num_workers, pin)
+        loader = train_loader(train_folder, make_transform(True), pipeline, feed, torch_rng_only=linprobe)
         log.info("Dataset: %d train / %d val images in %d classes", len(train_folder), len(val_folder),
                  len(train_folder.classes))
+    return loader, val_loader
 
+
+def _model(args, device, linprobe: bool):
+    """The classifier on the device: --finetune's encoder weights (not with --eval), for linear
+    probing frozen under a BatchNorm head."""
     model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
     if args.finetune and not args.eval:
         ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
@@ -184,18 +221,20 @@ def main(args, linprobe: bool = False) -> None:
     model.to(device)
     log.info("Model = %s", model)
     log.info("number of params (M): %.2f", sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    amp_dtype = resolve_amp(args.amp, device)
+    return model
 
-    if args.eval:
-        ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
-        ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
-                                    args.model)
-        evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
-        dist_util.cleanup()
-        return
 
-    resolve_lr(args)
+def _evaluate_only(args, model, val_loader, device, amp_dtype) -> None:
+    """--eval: the weights of --resume on val/."""
+    ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
+    ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
+                                args.model)
+    evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
 
+
+def _optimizer_and_loss(args, model, device, linprobe: bool):
+    """(optimizer, compute_loss): the official choices, LARS on the head for linear probing, AdamW
+    with layer-wise lr decay for fine-tuning, whose loss takes mixup/cutmix and label smoothing."""
     if linprobe:
         optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -203,7 +242,6 @@ def main(args, linprobe: bool = False) -> None:
                                   layer_decay=args.layer_decay)
         optimizer = adamw(groups, args.lr, device)
     log.info("Optimizer: %s", type(optimizer).__name__)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     mixup_fn = None if linprobe else build_mixup(args)
     if mixup_fn is not None:
@@ -213,26 +251,35 @@ def main(args, linprobe: bool = False) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     log.info("criterion = %s", criterion)
+    return optimizer, classification_loss(criterion, mixup_fn, device)
 
+
+def _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype, linprobe: bool) -> None:
+    """Resume (a finished run has nothing to do), then the epochs, each followed by an evaluation
+    on val/ that keeps checkpoint-best.pth."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     unreadable = []
     found = ckpt_lib.find_resume_checkpoint(args, unreadable)
     pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
     if ckpt_lib.already_finished(pos, args, found):
-        dist_util.cleanup()
         return
     best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last,
-                                         unreadable)
+
+    strategy = DataParallel.from_args(args, device)
+    train_model = strategy.wrap(model)
+    checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
+                                         unreadable, strategy)
+    log_writer = make_log_writer(args)
 
     def after_epoch(epoch: int):
-        stats = evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
+        stats = evaluate(strategy.module(train_model), val_loader, device, amp_dtype, sharded=args.dist_eval)
         is_best = stats["acc1"] > best["max_accuracy"]
         best["max_accuracy"] = max(best["max_accuracy"], stats["acc1"])
         log.info("Max accuracy: %.2f%%", best["max_accuracy"])
-        if run.log_writer is not None:
+        if log_writer is not None:
             for k in ("acc1", "acc5", "loss"):
-                run.log_writer.add_scalar(f"perf/test_{k}", stats[k], epoch)
+                log_writer.add_scalar(f"perf/test_{k}", stats[k], epoch)
         fields = {**{f"test_{k}": v for k, v in stats.items()}, "max_accuracy": best["max_accuracy"]}
         return fields, is_best, {"max_accuracy": best["max_accuracy"]}
 
@@ -240,13 +287,11 @@ def main(args, linprobe: bool = False) -> None:
         model.eval()
         model.head.train()
 
-    run = TrainingRun(model=wrap_for_training(model, args, device),
-                      compute_loss=classification_loss(criterion, mixup_fn, device), loader=loader,
-                      optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
-                      amp_dtype=amp_dtype, log_writer=make_log_writer(args),
-                      train_mode=linprobe_train_mode if linprobe else None, stop=StopRequest().install())
-    fit(run, args, pos, after_epoch)
-    dist_util.cleanup()
+    run = TrainingRun.from_args(args, model=train_model, strategy=strategy, compute_loss=compute_loss,
+                                optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
+                                checkpointer=checkpointer, log_writer=log_writer,
+                                train_mode=linprobe_train_mode if linprobe else None, stop=StopRequest().install())
+    fit(run, pos, after_epoch)
 
 
 def linprobe_main(args) -> None:

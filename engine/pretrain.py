@@ -8,7 +8,6 @@ batch composition (as in the official code), not only on the global batch.
 """
 import json
 import logging
-import math
 import os
 from types import SimpleNamespace
 
@@ -19,15 +18,18 @@ from util import dist as dist_util
 from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
-from .data import KeyedSamples, build_loader, image_folder, pretrain_transform
-from .mae_model import build_mae, check_decoder_width, decoder_overrides
+from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes, drop_future_resume
+from .data import LoaderSettings, check_batch_fits, image_folder, pretrain_transform, to_model_input, train_loader
+from .distributed import DataParallel
+from .logs import make_log_writer
+from .lr_sched import resolve_lr
+from .model_factory import build_model
 from .optim import adamw
+from .precision import resolve_amp
 from .preemption import StopRequest
-from .runtime import (build_model, check_args, check_batch_fits, check_launch, check_output_dirs, check_resume_file,
-                      checkpoint_bytes, drop_future_resume, make_log_writer, resolve_amp, resolve_lr, setup_runtime,
-                      wrap_for_training)
+from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
+from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
-from .uint8_pipeline import to_model_input
 
 log = logging.getLogger("mae")
 
@@ -37,27 +39,26 @@ def check_pretrain_args(args) -> None:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     if not args.range_mask_ratio >= 0:
         raise UserError(f"--range_mask_ratio must be 0 or more, got {args.range_mask_ratio}")
-    if args.range_mask_ratio and not args.model.startswith("mixmim"):
-        raise UserError(f"--range_mask_ratio is a MixMIM option: --model {args.model} masks a fixed "
-                        "--mask_ratio; drop the flag")
+    if args.range_mask_ratio:
+        with torch.device("meta"):  # the family's answer, without memory or initialisation
+            takes_it = build_model(args.model, "pretrain").takes_range_mask_ratio
+        if not takes_it:
+            raise UserError(f"--range_mask_ratio is a MixMIM option: --model {args.model} masks a fixed "
+                            "--mask_ratio; drop the flag")
     if args.vis_every < 0:
         raise UserError(f"--vis_every must be 0 (off) or a number of epochs, got {args.vis_every}")
 
 
 def check_mask(args, model) -> None:
     """The mask removes at least one patch and leaves at least one visible, as the model rounds it
-    (MAE keeps int(L * (1 - ratio)) patches, MixMIM mixes int(L * ratio) of its L final tokens)."""
+    (models/base.py MaskedImageModel.mask_counts)."""
     ratio = args.mask_ratio if args.mask_ratio is not None else model.default_mask_ratio
-    mixmim = hasattr(model, "out_num_patches")
-    length = model.out_num_patches if mixmim else model.mask_noise_len
-    if mixmim:
-        removed = int(length * ratio)
-        kept = length - math.floor(length * (ratio + args.range_mask_ratio))
-        what = "replaced" if not args.range_mask_ratio else "replaced (with --range_mask_ratio at its maximum)"
-    else:
-        kept = int(length * (1 - ratio))
-        removed, what = length - kept, "removed"
-    where = f"of the {length} {'tokens' if mixmim else 'patches'} at --input_size {args.input_size}"
+    counts = model.mask_counts(ratio)
+    removed, kept = counts.removed, counts.kept
+    what = "replaced" if model.mixes_images else "removed"
+    if args.range_mask_ratio:
+        what += " (with --range_mask_ratio at its maximum)"
+    where = f"of the {counts.length} {counts.unit} at --input_size {args.input_size}"
     if removed < 1:
         raise UserError(f"--mask_ratio {ratio} masks no patch {where}: raise --mask_ratio or --input_size")
     if kept < 1:
@@ -149,16 +150,16 @@ def main(args) -> None:
     # The checkpoint to resume is read first: its recorded decoder fills unset --decoder_* flags.
     unreadable = []
     found = ckpt_lib.find_resume_checkpoint(args, unreadable)
-    model = build_mae(args, found)
+    model = build_pretrain_model(args, found)
     if args.mask_ratio is None:
         args.mask_ratio = model.default_mask_ratio
 
     folder = plan.train_folder
     pipeline = args.data_pipeline or "uint8"
-    dataset = KeyedSamples(folder, pretrain_transform(args.input_size, pipeline), args.seed,
-                           model.mask_noise_len, pipeline, torch_rng_only=True)
-    loader = build_loader(dataset, args.batch_size, world, rank, args.seed, args.num_workers,
-                          args.pin_mem and device.type == "cuda")
+    feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, args.pin_mem and device.type == "cuda",
+                          world, rank)
+    loader = train_loader(folder, pretrain_transform(args.input_size, pipeline), pipeline, feed,
+                          noise_len=model.mask_noise_len, torch_rng_only=True)
     log.info("Dataset: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)
 
     model.to(device)
@@ -178,12 +179,15 @@ def main(args) -> None:
         dist_util.cleanup()
         return
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last,
-                                         unreadable)
 
+    strategy = DataParallel.from_args(args, device)
+    train_model = strategy.wrap(model)
+    checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
+                                         unreadable, strategy)
     log_writer = make_log_writer(args)
-    run = TrainingRun(model=wrap_for_training(model, args, device), compute_loss=mae_loss(args.mask_ratio, device),
-                      loader=loader, optimizer=optimizer, scaler=scaler, checkpointer=checkpointer, device=device,
-                      amp_dtype=amp_dtype, log_writer=log_writer, stop=StopRequest().install())
-    fit(run, args, pos, after_epoch=reconstruction_hook(args, folder, model, log_writer))
+    compute_loss = mae_loss(args.mask_ratio, device)
+    run = TrainingRun.from_args(args, model=train_model, strategy=strategy, compute_loss=compute_loss,
+                                optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
+                                checkpointer=checkpointer, log_writer=log_writer, stop=StopRequest().install())
+    fit(run, pos, after_epoch=reconstruction_hook(args, folder, strategy.module(train_model), log_writer))
     dist_util.cleanup()

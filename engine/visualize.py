@@ -1,20 +1,23 @@
-"""MAE reconstructions as pictures: the shared logic of scripts/visualize.py and the training hook.
+"""Reconstructions of a masked-image model (models/base.py MaskedImageModel: MAE, MixMIM) as
+pictures: the shared logic of scripts/visualize.py and the training hook.
 
     batch = fixed_batch(["a.jpg", "photos/"], input_size=224, n=4)      # normalised (N, 3, H, W)
-    noise = fixed_noise(len(batch), model.patch_embed.num_patches, seed=0)
+    noise = fixed_noise(len(batch), model.mask_noise_len, seed=0)
     results = reconstruct(model, batch, mask_ratio=0.75, noise=noise)  # images in [0, 1]
     render_grid(results, ["a", "b", "c", "d"], "reconstructions.png")
 
 reconstruct() returns four (N, 3, H, W) images in [0, 1] (ImageNet mean/std undone, clamped):
   original        the input
-  masked          the input with every removed patch set to MASK_GREY (MixMIM: the mixed input the
-                  encoder saw, whose removed cells hold the batch mirror's pixels)
+  masked          the input with every removed patch set to MASK_GREY (a model that mixes images,
+                  MixMIM: the mixed input the encoder saw, whose masked cells hold the batch
+                  mirror's pixels)
   reconstruction  the unpatchified prediction for all patches. A model trained with
                   norm_pix_loss predicts each patch in units of that patch's own mean and std;
                   the prediction is mapped back with the TARGET patch's statistics, exactly as the
-                  loss normalises the target: pred * sqrt(var + 1e-6) + mean (unbiased variance,
-                  over the patch's p*p*3 values of the normalised input). Only the removed patches
-                  are trained; visible ones are shown as predicted.
+                  loss normalises the target (models/patches.py denorm_pix_target): pred *
+                  sqrt(var + 1e-6) + mean (unbiased variance, over the patch's p*p*3 values of
+                  the normalised input). Only the removed patches are trained; visible ones
+                  are shown as predicted.
   pasted          the reconstruction on removed patches, the input pixels on visible ones
 and `mask` (N, L), 1 for a removed patch (the model's own convention).
 
@@ -52,6 +55,8 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from models.patches import denorm_pix_target
+from models.state_dict import has_decoder  # noqa: F401  (part of this module's interface)
 from util.errors import UserError
 
 # ---------------------------------------------------------------- layout constants (pixels)
@@ -165,28 +170,16 @@ def fixed_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, num_patches, generator=g)
 
 
-def has_decoder(state_dict: dict) -> bool:
-    """False for encoder-only weights (the official mae_pretrain_vit_*.pth releases)."""
-    return "mask_token" in state_dict and any(k.startswith("decoder_pred.") for k in state_dict)
-
-
 # ---------------------------------------------------------------- reconstruction
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised (N, 3, H, W) -> [0, 1]."""
     return (x * _STD.to(x.device) + _MEAN.to(x.device)).clamp(0, 1)
 
 
-def denormalize_patches(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Undo the norm_pix_loss target normalisation with the target patches' own statistics."""
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return pred * (var + 1.e-6) ** .5 + mean
-
-
 @torch.no_grad()
 def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75,
                 noise: Optional[torch.Tensor] = None) -> Dict[str, object]:
-    """Run the MAE on a normalised batch and return the four panels on CPU (see module doc).
+    """Run the model on a normalised batch and return the four panels on CPU (see module doc).
 
     Also returned: 'mask' (N, L; 1 removed), 'loss' (scalar), 'mask_ratio' and 'norm_pix'
     (whether the prediction was de-normalised). The model runs in eval mode, in fp32, on its
@@ -203,15 +196,15 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75,
     finally:
         model.train(was_training)
     pred = pred.float()
-    norm_pix = bool(getattr(model, "norm_pix_loss", False))
+    norm_pix = bool(model.norm_pix_loss)
     if norm_pix:
-        pred = denormalize_patches(pred, model.patchify(x))
+        pred = denorm_pix_target(pred, model.patchify(x))
     grid = model.grid_of(x)
     removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), grid).bool()
 
     original = denormalize(x)
     reconstruction = denormalize(model.unpatchify(pred, grid))
-    if hasattr(model, "mix"):  # MixMIM: the "removed" cells hold the batch mirror's pixels, not grey
+    if model.mixes_images:  # the masked cells hold another image's pixels, not grey
         masked = denormalize(model.mix(x, mask))
     else:
         masked = torch.where(removed, torch.full_like(original, MASK_GREY), original)

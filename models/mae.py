@@ -12,13 +12,15 @@ import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from .base import MaskCounts, MaskedImageModel
 from .patches import patch_grid, patchify, unpatchify
 from .pos_embed import sincos_pos_embed_tensor
 from .registry import register_model
 
 
-class MaskedAutoencoderViT(nn.Module):
-    """Masked Autoencoder with VisionTransformer backbone."""
+class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
+    """Masked Autoencoder with VisionTransformer backbone (the contract: models/base.py)."""
+    plain_vit_mae = True
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
@@ -97,11 +99,24 @@ class MaskedAutoencoderViT(nn.Module):
         """Length of a per-image noise row (forward's `noise`): one entry per patch at img_size."""
         return self.patch_embed.num_patches
 
+    def mask_noise_len_at(self, input_size: int) -> int:
+        """Any size divisible by the patch size: one entry per patch of that size."""
+        p = self.patch_size
+        if input_size % p:
+            raise ValueError(f"image size {input_size}x{input_size} is not divisible by the patch size {p}")
+        return (input_size // p) ** 2
+
     @property
     def decoder_arch(self) -> dict:
-        """The decoder's size as constructor arguments (checkpoints record it: engine/mae_model.py)."""
+        """The decoder's size as constructor arguments (checkpoints record it: engine/pretrain_model.py)."""
         return dict(decoder_embed_dim=self.decoder_embed.out_features, decoder_depth=len(self.decoder_blocks),
                     decoder_num_heads=self.decoder_blocks[0].attn.num_heads if len(self.decoder_blocks) else None)
+
+    def mask_counts(self, mask_ratio: float) -> MaskCounts:
+        """random_masking keeps int(L * (1 - mask_ratio)) patches and removes the others."""
+        length = self.mask_noise_len
+        kept = int(length * (1 - mask_ratio))
+        return MaskCounts(length, length - kept, kept, "patches")
 
     def grid_of(self, imgs: torch.Tensor) -> Tuple[int, int]:
         return patch_grid(imgs, self.patch_size)
@@ -202,11 +217,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 0 keep, 1 remove.
         """
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
+        target = self.pixel_target(imgs)
         loss = (pred - target) ** 2  # type promotion as the official code: bf16 pred - fp32 target is fp32
         loss = loss.mean(dim=-1)
         return (loss * mask).sum() / mask.sum()

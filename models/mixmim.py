@@ -17,16 +17,18 @@ mask tokens where the mask is 1 (predicting image i there) and where it is 0 (pr
 partner there); "unmixing" the two gives a reconstruction of every patch of every image from the
 patches it did not see, and the loss is the MSE over all patches.
 """
-from typing import Final, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Final, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_, use_fused_attn
 from timm.models.swin_transformer import PatchMerging, get_relative_position_index, window_partition, window_reverse
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
+from .base import MaskCounts, MaskedImageModel, PretrainedClassifier
 from .patches import patch_grid, patchify, unpatchify
 from .pos_embed import sincos_pos_embed_tensor
 from .registry import register_model
@@ -303,8 +305,8 @@ class _MixMIMEncoder(nn.Module):
             layer.grad_checkpointing = enable
 
 
-class MixMIM(_MixMIMEncoder):
-    """MixMIM pretraining model (official models_mixmim.MixMIM).
+class MixMIM(MaskedImageModel, _MixMIMEncoder):
+    """MixMIM pretraining model (official models_mixmim.MixMIM; the contract: models/base.py).
 
     `loss, pred, mask = model(imgs, mask_ratio=0.5, noise=None)`:
       mask  (N, L) float, L = final-stage tokens (7x7 at 224): 1 where image i holds the tokens of
@@ -357,6 +359,8 @@ class MixMIM(_MixMIMEncoder):
         self.apply(self._init_weights)
 
     default_mask_ratio = 0.5  # the official MixMIM default
+    mixes_images = True
+    takes_range_mask_ratio = True
 
     @property
     def decoder_arch(self) -> dict:
@@ -379,6 +383,20 @@ class MixMIM(_MixMIMEncoder):
     def mask_noise_len(self) -> int:
         """Length of a noise row: one entry per final-stage token, plus one for the extra ratio."""
         return self.out_num_patches + 1
+
+    def mask_noise_len_at(self, input_size: int) -> int:
+        """Only the size the model was built for: its windows and fixed tables are sized for it."""
+        if (input_size, input_size) != self.img_size:
+            raise ValueError(f"this model was built for {self.img_size[0]}x{self.img_size[1]} images, not "
+                             f"{input_size}x{input_size}")
+        return self.mask_noise_len
+
+    def mask_counts(self, mask_ratio: float) -> MaskCounts:
+        """random_masking mixes int(L * r) of the L final tokens, r = mask_ratio plus at most
+        range_mask_ratio: the fewest mixed at r = mask_ratio, the fewest kept at its maximum."""
+        length = self.out_num_patches
+        kept = length - math.floor(length * (mask_ratio + self.range_mask_ratio))
+        return MaskCounts(length, int(length * mask_ratio), kept, "tokens")
 
     def grid_of(self, imgs: torch.Tensor) -> Tuple[int, int]:
         return patch_grid(imgs, self.patch_size, "reconstruction unit")
@@ -449,12 +467,7 @@ class MixMIM(_MixMIMEncoder):
         return x_rec[:n] * m + x_rec[n:].flip(0) * (1 - m)
 
     def forward_target(self, imgs: torch.Tensor) -> torch.Tensor:
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
-        return target
+        return self.pixel_target(imgs)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Mean squared error over every patch of every image: each was predicted unseen."""
@@ -469,7 +482,7 @@ class MixMIM(_MixMIMEncoder):
         return loss, pred, mask.unsqueeze(0).expand(n, -1).contiguous()
 
 
-class MixMIMClassifier(_MixMIMEncoder):
+class MixMIMClassifier(PretrainedClassifier, _MixMIMEncoder):
     """The official fine-tuning model (models_mixmim_ft.MixMIM): the encoder without mixing,
     global average pooling of the final tokens after `norm`, and a linear `head`.
 
@@ -478,6 +491,7 @@ class MixMIMClassifier(_MixMIMEncoder):
     must be True/'avg'.
     """
     num_prefix_tokens = 0
+    has_class_token = False
 
     def __init__(self, img_size: Size2 = 224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
                  depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=(7, 7, 14, 7), qkv_bias=True,
@@ -504,6 +518,22 @@ class MixMIMClassifier(_MixMIMEncoder):
     @property
     def uses_global_pool(self) -> bool:
         return True
+
+    @property
+    def input_stride(self) -> int:
+        return self.encoder_stride
+
+    @property
+    def allowed_missing_keys(self) -> FrozenSet[str]:
+        return super().allowed_missing_keys | {"absolute_pos_embed"}
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """Also drops the fixed sin-cos absolute_pos_embed of another input size: the model made
+        its own for its grid."""
+        state = super().adapt_pretrained(state)
+        if "absolute_pos_embed" in state and state["absolute_pos_embed"].shape != self.absolute_pos_embed.shape:
+            del state["absolute_pos_embed"]
+        return state
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -1,4 +1,5 @@
-"""Images <-> flattened patches, the layout of the MAE (and MixMIM) pixel targets."""
+"""Images <-> flattened patches, the layout of the MAE (and MixMIM) pixel targets, and the
+norm_pix_loss normalisation of those targets."""
 from typing import Tuple
 
 import torch
@@ -29,3 +30,25 @@ def unpatchify(x: torch.Tensor, p: int, c: int, grid: Tuple[int, int]) -> torch.
     x = x.reshape(x.shape[0], h, w, p, p, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+# The norm_pix_loss target (official forward_loss): each patch in units of its own mean and std,
+# unbiased variance, eps 1e-6 inside the square root. The pictures invert it with the same
+# statistics, so both directions live here.
+def _pix_stats(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return mean, (var + 1.e-6) ** .5
+
+
+def norm_pix_target(patches: torch.Tensor) -> torch.Tensor:
+    """(N, L, D) patches -> each patch normalised by its own mean and std (the norm_pix_loss target)."""
+    mean, std = _pix_stats(patches)
+    return (patches - mean) / std
+
+
+def denorm_pix_target(pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """The inverse of norm_pix_target for a prediction: pred * std + mean, with the statistics of
+    the target `patches` it was trained against."""
+    mean, std = _pix_stats(patches)
+    return pred * std + mean

@@ -1,12 +1,14 @@
-"""Fixed 2-D sine-cosine position embeddings (MAE / MoCo v3 formulation).
+"""Fixed 2-D sine-cosine position embeddings (MAE / MoCo v3 formulation), and the resampling of a
+learned table to another patch grid (fine-tuning at another resolution).
 
-The values must equal the official tables bit for bit after the cast to float32, so the
+The sin-cos values must equal the official tables bit for bit after the cast to float32, so the
 arithmetic follows the official recipe: float32 grid, float64 frequencies, float64 result.
 """
 from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from timm.layers import resample_abs_pos_embed
 
 GridSize = Union[int, Sequence[int]]
 
@@ -60,3 +62,14 @@ def sincos_pos_embed_tensor(embed_dim: int, grid_size: GridSize, cls_token: bool
     """The table as a float32 tensor of shape (1, H*W [+1], embed_dim)."""
     return torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token)).float().unsqueeze(0)
 
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """A learned (1, prefix + h*w, D) table of a square h x w patch grid, resampled to `grid`:
+    bicubic, without antialiasing (the official interpolate_pos_embed), prefix rows (the class
+    token's) kept. ValueError when the table's patch part is not a square grid."""
+    patches = pos_embed.shape[1] - num_prefix_tokens
+    old = int(round(patches ** 0.5))
+    if old * old != patches:
+        raise ValueError(f"cannot resample a position embedding of {patches} patches (not a square grid)")
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=[old, old],
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)

@@ -4,17 +4,24 @@ timm's VisionTransformer already has the official head: global_pool averages the
 (not the cls token) and applies fc_norm instead of the final norm, so the state-dict keys
 (`fc_norm.*` without `norm.*`, or `norm.*` with the cls token) match the released checkpoints.
 """
+import logging
 from functools import partial
+from typing import FrozenSet
 
-import torch.nn as nn
 import timm.models.vision_transformer as timm_vit
+import torch.nn as nn
 
+from .base import PretrainedClassifier
+from .pos_embed import resample_pos_embed
 from .registry import register_model
 
+log = logging.getLogger(__name__)
 
-class VisionTransformer(timm_vit.VisionTransformer):
+
+class VisionTransformer(PretrainedClassifier, timm_vit.VisionTransformer):
     """timm's VisionTransformer; global_pool=True (official default for fine-tuning) pools the
-    patch tokens, global_pool=False uses the cls token. timm's string values are accepted too."""
+    patch tokens, global_pool=False uses the cls token. timm's string values are accepted too.
+    The contract (models/base.py): timm sets has_class_token and num_prefix_tokens."""
 
     def __init__(self, global_pool=False, **kwargs):
         if isinstance(global_pool, bool):
@@ -24,6 +31,30 @@ class VisionTransformer(timm_vit.VisionTransformer):
     @property
     def uses_global_pool(self) -> bool:
         return self.global_pool == "avg"
+
+    @property
+    def input_stride(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def allowed_missing_keys(self) -> FrozenSet[str]:
+        pooled_norm = {"fc_norm.weight", "fc_norm.bias"} if not isinstance(self.fc_norm, nn.Identity) else set()
+        return super().allowed_missing_keys | pooled_norm
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """Also: with a pooled head, the encoder's final norm is dropped (fc_norm after the pooling
+        takes its place, freshly initialised, as officially); a position table of another patch
+        grid is resampled to this model's (official interpolate_pos_embed)."""
+        state = super().adapt_pretrained(state)
+        if isinstance(self.norm, nn.Identity):
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        if "pos_embed" in state and state["pos_embed"].shape != self.pos_embed.shape:
+            old = state["pos_embed"].shape[1] - self.num_prefix_tokens
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], self.patch_embed.grid_size,
+                                                    self.num_prefix_tokens)
+            log.info("Resampled the position embedding of %d patches to a %dx%d patch grid", old,
+                     *self.patch_embed.grid_size)
+        return state
 
     def group_matcher(self, coarse: bool = False):
         """Layer ids for timm.optim.param_groups_layer_decay, as the official get_layer_id_for_vit:

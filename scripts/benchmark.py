@@ -1,8 +1,8 @@
 """Benchmarks of MAE pretraining: the training step against a peer, and the data pipeline.
 
---mode step (default): the pretraining step of engine/pretrain.py + engine/trainer.py (no
-gradient accumulation) on any pretraining model (MAE or MixMIM) / batch / precision / compile
-setting, CPU or CUDA:
+--mode step (default): the training step itself, engine.trainer.train_step, with the loss of
+engine/pretrain.py (one optimizer step per iteration, no gradient accumulation), on any
+pretraining model (MAE or MixMIM) / batch / precision / compile setting, CPU or CUDA:
 
     with autocast(amp):  loss = model(images, mask_ratio, noise)[0]     (engine.pretrain.mae_loss)
     scaler.scale(loss).backward(); scaler.unscale_(optimizer)           (GradScaler: on for fp16 only)
@@ -52,22 +52,30 @@ import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from typing import Callable, Dict, List, Optional  # noqa: E402
 
-import torch  # noqa: E402
 import timm  # noqa: E402
+import torch  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
-import models  # noqa: E402
-from engine.data import KeyedSamples, build_loader, image_folder, pretrain_transform  # noqa: E402
+from engine.data import LoaderSettings, image_folder, pretrain_transform, to_model_input, train_loader  # noqa: E402
+from engine.distributed import DataParallel  # noqa: E402
+from engine.model_factory import build_model  # noqa: E402
 from engine.optim import adamw  # noqa: E402
+from engine.precision import configure_backends, resolve_amp  # noqa: E402
 from engine.pretrain import mae_loss  # noqa: E402
-from engine.runtime import build_model, configure_backends, resolve_amp  # noqa: E402
-from engine.trainer import grad_total_norm  # noqa: E402
-from engine.uint8_pipeline import to_model_input  # noqa: E402
-from flops import (CpuShare, counted_forward_flops, device_name, mae_forward_flops_per_image, mae_train_flops,  # noqa: E402
-                   measure_matmul_peak, sync)
+from engine.trainer import NonFiniteWatch, TrainingRun, train_step  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.meters import max_memory_mb  # noqa: E402
+
+from flops import (  # noqa: E402
+    CpuShare,
+    counted_forward_flops,
+    device_name,
+    mae_forward_flops_per_image,
+    mae_train_flops,
+    measure_matmul_peak,
+    sync,
+)
 
 WEIGHT_DECAY = 0.05   # engine default (--weight_decay)
 LR = 1.5e-4           # value irrelevant for speed; the official ViT-L blr
@@ -140,32 +148,25 @@ def check_args(args) -> torch.device:
 
 # --------------------------------------------------------------------------- the two training steps
 class OurStep:
-    """One step of this engine's training loop (engine/trainer.py), without accumulation."""
+    """engine.trainer.train_step, the step the training loop runs, on a run as engine/pretrain.py
+    builds it (wrapped by the same strategy), without accumulation."""
 
     def __init__(self, model, args, device, amp_dtype, batches: Optional[Callable] = None):
-        self.model = torch.compile(model) if args.compile else model
-        self.optimizer = adamw(param_groups_weight_decay(model, WEIGHT_DECAY), LR, device, betas=(0.9, 0.95))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        self.compute_loss = mae_loss(args.mask_ratio, device)
-        self.batches, self.data_wait = batches, 0.0
+        strategy = DataParallel(device, compile=args.compile)
+        optimizer = adamw(param_groups_weight_decay(model, WEIGHT_DECAY), LR, device, betas=(0.9, 0.95))
+        self.run = TrainingRun(model=strategy.wrap(model), compute_loss=mae_loss(args.mask_ratio, device),
+                               optimizer=optimizer, device=device, strategy=strategy, amp_dtype=amp_dtype,
+                               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+        self.watch = NonFiniteWatch(device, epoch=0)
+        self.batches, self.data_wait, self.it = batches, 0.0, 0
         self.loss = self.grad_norm = None
-        self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self):
         t0 = time.perf_counter()
         batch = self.batches()
         self.data_wait += time.perf_counter() - t0
-        with self.autocast:
-            loss = self.compute_loss(self.model, batch)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        self.grad_norm = grad_total_norm(self.params, None)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss = loss
+        self.loss, self.grad_norm = train_step(self.run, batch, self.it, self.watch)
+        self.it += 1
 
 
 def peer_model(model, attention: str = "sdpa"):
@@ -248,9 +249,9 @@ def time_interleaved(steps: Dict[str, Callable], args, device) -> Dict[str, Dict
 def real_batches(args, model, device):
     """Batches of the training loader (as engine/pretrain.py builds it), endlessly."""
     folder = image_folder(args.data_path, "train")
-    dataset = KeyedSamples(folder, pretrain_transform(args.input_size, args.data_pipeline), args.seed,
-                           model.mask_noise_len, args.data_pipeline, torch_rng_only=True)
-    loader = build_loader(dataset, args.batch_size, 1, 0, args.seed, args.num_workers, device.type == "cuda")
+    feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, device.type == "cuda")
+    loader = train_loader(folder, pretrain_transform(args.input_size, args.data_pipeline), args.data_pipeline, feed,
+                          noise_len=model.mask_noise_len, torch_rng_only=True)
     state = {"epoch": 0, "it": iter(())}
 
     def next_batch():
@@ -258,7 +259,7 @@ def real_batches(args, model, device):
             try:
                 return next(state["it"])
             except StopIteration:
-                loader.sampler.set_epoch(state["epoch"])
+                loader.set_position(state["epoch"])
                 state["epoch"] += 1
                 state["it"] = iter(loader)
     return next_batch
@@ -280,7 +281,7 @@ def run_step(args, device) -> Dict:
     torch.manual_seed(args.seed)
 
     model = build_model(args.model, "pretrain", img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    vit_mae = isinstance(model, models.MaskedAutoencoderViT)
+    vit_mae = model.plain_vit_mae  # the layout of scripts/flops.py's formulas and of transformers' ViTMAE
     if args.peer and not vit_mae:
         raise UserError(f"--peer: transformers has no {type(model).__name__}; the peer exists for ViT MAE models only")
     if args.mask_ratio is None:
@@ -372,10 +373,10 @@ def run_loader(args, device) -> Dict:
             if pipeline == "official":
                 loader = official_loader(args, folder)
             else:
-                dataset = KeyedSamples(folder, pretrain_transform(args.input_size, pipeline), args.seed,
-                                       num_patches, pipeline, torch_rng_only=True)
-                loader = build_loader(dataset, args.batch_size, 1, 0, args.seed, args.num_workers,
-                                      device.type == "cuda")
+                loader = train_loader(folder, pretrain_transform(args.input_size, pipeline), pipeline,
+                                      LoaderSettings(args.batch_size, args.seed, args.num_workers,
+                                                     device.type == "cuda"),
+                                      noise_len=num_patches, torch_rng_only=True)
             it = iter(loader)
             for _ in range(args.warmup + 1):  # worker start-up and the first batches
                 next(it)

@@ -185,23 +185,23 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: Optional
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device, dtype)
     b = torch.randn(size, size, generator=gen).to(device, dtype)
-    ops = {"matmul": lambda: torch.matmul(a, b), "linear": lambda: torch.nn.functional.linear(a, b)}
+    ops = {"matmul": (torch.matmul, a, b), "linear": (torch.nn.functional.linear, a, b)}
     # Several matmuls per timing on a GPU, so launch and sync overheads vanish.
     per_timing = 10 if device.type == "cuda" else 1
     best, best_op = float("inf"), None
-    for name, op in ops.items():
+    for name, (op, x, y) in ops.items():
         for _ in range(2):  # warm up (kernel selection, clocks, thread pool)
-            op()
+            op(x, y)
         for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             for _ in range(per_timing):
-                op()
+                op(x, y)
             sync(device)
             seconds = (time.perf_counter() - t0) / per_timing
             if seconds < best:
                 best, best_op = seconds, name
-    del a, b, ops
+    del a, b, x, y, ops
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"size": size, "op": best_op, "seconds": best, "flops_per_s": 2 * size ** 3 / best}

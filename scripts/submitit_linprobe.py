@@ -1,5 +1,5 @@
 """Submit main_linprobe.py to SLURM with submitit: every flag of main_linprobe.py plus the launcher's
-(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see util/slurm_launch.py).
+(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see engine/slurm.py).
 
     python scripts/submitit_linprobe.py --nodes 8 --ngpus 8 --partition gpu [main_linprobe.py flags]
 """
@@ -9,8 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.slurm import launch  # noqa: E402
+
 import main_linprobe  # noqa: E402
-from util.slurm_launch import launch  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE linear probing", parents=[main_linprobe.get_args_parser()])

@@ -1,5 +1,5 @@
 """Submit main_pretrain.py to SLURM with submitit: every flag of main_pretrain.py plus the launcher's
-(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see util/slurm_launch.py).
+(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see engine/slurm.py).
 
     python scripts/submitit_pretrain.py --nodes 8 --ngpus 8 --partition gpu [main_pretrain.py flags]
 """
@@ -9,8 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.slurm import launch  # noqa: E402
+
 import main_pretrain  # noqa: E402
-from util.slurm_launch import launch  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE pretraining", parents=[main_pretrain.get_args_parser()])

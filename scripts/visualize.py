@@ -31,16 +31,24 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from engine.checkpoint import checkpoint_kind, load_model_weights, recorded_args  # noqa: E402
-from engine.mae_model import decoder_kwargs  # noqa: E402
-from engine.runtime import build_model  # noqa: E402
-from engine.visualize import (cat_results, check_images, find_images, fixed_noise,  # noqa: E402
-                              has_decoder, load_image, reconstruct, render_grid, take)
+from engine.checkpoint import load_model_weights, recorded_args  # noqa: E402
+from engine.model_factory import build_model  # noqa: E402
+from engine.pretrain_model import decoder_kwargs  # noqa: E402
+from engine.visualize import (  # noqa: E402
+    cat_results,
+    check_images,
+    find_images,
+    fixed_noise,
+    load_image,
+    reconstruct,
+    render_grid,
+    take,
+)
+from models.state_dict import checkpoint_kind, has_decoder, trained_input_size  # noqa: E402
 from util.checkpoint_io import load_checkpoint_file  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -85,13 +93,8 @@ def state_dict_of(ckpt: dict, path: str) -> dict:
 
 
 def training_size(state_dict: dict, recorded) -> int:
-    """The image size the weights were built for: from the pos_embed table, else args, else 224."""
-    pos, proj = state_dict.get("pos_embed"), state_dict.get("patch_embed.proj.weight")
-    if pos is not None and proj is not None and pos.dim() == 3:
-        side = math.isqrt(pos.shape[1] - 1)
-        if side * side == pos.shape[1] - 1:
-            return side * proj.shape[-1]
-    return int(recorded or 224)
+    """The image size the weights were built for: from the state dict when it tells, else args, else 224."""
+    return trained_input_size(state_dict) or int(recorded or 224)
 
 
 def model_from_checkpoint(args, ckpt: dict, device: torch.device):
@@ -169,7 +172,10 @@ def main(args) -> None:
     if size % model.patch_size:
         raise UserError(f"--input_size {size} is not divisible by the patch size {model.patch_size}")
     # One noise row per image (MixMIM uses the first image's row for the whole batch).
-    num_patches = model.mask_noise_len if size == train_size else (size // model.patch_size) ** 2
+    try:
+        num_patches = model.mask_noise_len_at(size)
+    except ValueError as e:
+        raise UserError(f"--input_size {size}: {e}; give --input_size {train_size}, its training size") from None
 
     titles = [os.path.basename(p) for p in paths]
     stems = unique_names(paths)

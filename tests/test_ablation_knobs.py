@@ -13,12 +13,13 @@ import torch
 import torch.nn as nn
 
 import models
-from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain, run_main
 from engine.checkpoint import load_pretrained_encoder
-from engine.mae_model import build_mae
+from engine.pretrain_model import build_pretrain_model as build_mae
 from models import MaskedAutoencoderViT, timm_vit
 from util.cli import run_cli
 from util.errors import UserError
+
+from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain, run_main
 
 DEC = ["--decoder_depth", 1, "--decoder_embed_dim", 32, "--decoder_num_heads", 2]
 DEC_ARCH = dict(decoder_depth=1, decoder_embed_dim=32, decoder_num_heads=2)

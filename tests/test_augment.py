@@ -1,4 +1,4 @@
-"""The official fine-tuning augmentation on current Pillow / timm (engine/augment.py) and --aa.
+"""The official fine-tuning augmentation on current Pillow / timm (engine/data/augment.py) and --aa.
 
 The RandAugment ops are forced to their edge magnitudes instead of waiting for the draw: the
 official rand-m9-mstd0.5-inc1 asks for 0-bit posterize in about 2% of its draws, which Pillow 13
@@ -15,11 +15,11 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
+from engine.data import KeyedSamples, check_auto_augment, finetune_transform, image_folder, keyed_rng, pil_image
+from util.errors import UserError
+
 import main_finetune
 from conftest import PHOTOS
-from engine.augment import check_auto_augment
-from engine.data import KeyedSamples, finetune_transform, image_folder, keyed_rng, pil_image
-from util.errors import UserError
 
 OFFICIAL = main_finetune.get_args_parser().parse_args([])  # --aa rand-m9-mstd0.5-inc1, --reprob 0.25, 224 px
 PHOTO_FILES = sorted(PHOTOS.glob("*.jpg"))

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
+import models
+
 from conftest import REPO, cli_env
 from flops import counted_forward_flops, mae_forward_flops_per_image, mae_train_flops
-
-import models
 
 
 def bench(tmp_path, *flags):

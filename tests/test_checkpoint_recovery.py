@@ -6,9 +6,10 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import MINI, assert_ok, pretrain
 from engine import checkpoint as ckpt_lib
 from engine.checkpoint import LAST, PREV, UNREADABLE_SUFFIX, Checkpointer, find_resume_checkpoint
+
+from conftest import MINI, assert_ok, pretrain
 
 
 def load(path):

@@ -5,7 +5,6 @@ import torch._dynamo
 
 import models
 
-
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA GPU")])
 
@@ -19,7 +18,7 @@ def test_compiled_model_matches_eager_without_recompiling(device):
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new mask must not trigger a recompile
-        for step in range(3):
+        for _ in range(3):
             imgs, noise = torch.randn(4, 3, 32, 32, device=device), torch.rand(4, 4, device=device)
             loss_c, pred_c, mask_c = compiled(imgs, mask_ratio=0.75, noise=noise)
             loss_e, pred_e, mask_e = model(imgs, mask_ratio=0.75, noise=noise)

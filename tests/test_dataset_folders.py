@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from torchvision.datasets import ImageFolder
 
-from conftest import MINI, PHOTOS, REPO, assert_ok, cli_env, copy_tree, one_line_error, pretrain, run_main
 from engine.data import image_folder
 from util.errors import UserError
+
+from conftest import MINI, PHOTOS, REPO, assert_ok, cli_env, copy_tree, one_line_error, pretrain, run_main
 
 PHOTO_FILES = sorted(PHOTOS.glob("*.jpg"))
 

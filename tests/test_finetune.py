@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import MINI, assert_ok, one_line_error, pretrain, run_main
 from engine.checkpoint import load_model_weights, load_pretrained_encoder
 from engine.optim import LARS, param_groups_lrd
 from util.errors import UserError
+
+from conftest import MINI, assert_ok, one_line_error, pretrain, run_main
 
 FT = ["--model", "vit_mini_patch16", "--input_size", "64", "--nb_classes", "2", "--num_workers", "0",
       "--log_dir", "", "--warmup_epochs", "1", "--print_freq", "100"]

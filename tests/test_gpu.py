@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import MINI, PHOTOS, REPO, assert_ok, cli_env, make_image_folder, main_cmd
+
+from conftest import MINI, PHOTOS, REPO, assert_ok, cli_env, main_cmd, make_image_folder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -140,7 +141,7 @@ def test_device_decode_with_nvjpeg_matches_the_cpu_decode(tmp_path):
     ds = KeyedSamples(image_folder(str(tmp_path), "train"), pretrain_transform(224, "device_decode"), 0, 196,
                       "device_decode", torch_rng_only=True)
     loader = build_loader(ds, 8, 1, 0, 0, 0, True)
-    loader.sampler.set_epoch(0)
+    loader.set_position(0)
     encoded = next(iter(loader))[0]
     on_gpu = encoded.decode(CUDA)
     on_cpu = encoded.decode(torch.device("cpu"))

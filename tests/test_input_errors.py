@@ -8,14 +8,15 @@ import subprocess
 import pytest
 import torch
 
-import main_finetune
-import main_linprobe
-import main_pretrain
 import models
-from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
 from util.errors import UserError
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain
 
 FT = ["--model", "vit_mini_patch16", "--input_size", "64", "--nb_classes", "2", "--num_workers", "0",
       "--log_dir", "", "--warmup_epochs", "1"]

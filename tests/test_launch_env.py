@@ -5,8 +5,9 @@ import subprocess
 import pytest
 import torch
 
-from conftest import MINI, REPO, assert_ok, cli_env, main_cmd
 from util.dist import first_host, slurm_master_port
+
+from conftest import MINI, assert_ok, cli_env, main_cmd
 
 
 @pytest.mark.parametrize("nodelist, host", [

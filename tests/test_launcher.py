@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from engine import preemption
+from engine import slurm as slurm_launch
+from util.errors import UserError
+
 import main_finetune
 import main_linprobe
 import main_pretrain
 from conftest import REPO, cli_env, one_line_error
-from engine import preemption
-from util import slurm_launch
-from util.errors import UserError
 
 LAUNCHERS = {
     "pretrain": (main_pretrain, "engine.pretrain:main", "engine.pretrain:preflight"),
@@ -338,7 +339,7 @@ def test_task_entry_gives_up_after_half_the_signal_delay(tmp_path):
 
 def test_tasks_unpickle_the_trainer_without_importing_torch():
     """submitit unpickles the Trainer before it installs any signal handler; torch takes seconds."""
-    proc = run_python("import sys\nimport util.slurm_launch, engine.preemption\nprint('torch' in sys.modules)")
+    proc = run_python("import sys\nimport engine.slurm, engine.preemption\nprint('torch' in sys.modules)")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
@@ -361,7 +362,10 @@ def test_trainer_task_errors_are_one_line(capsys, monkeypatch, clean_signals, en
                            SLURM_JOB_NODELIST="node[1-2]", SLURMD_NODENAME="node1", CUDA_VISIBLE_DEVICES="0").items():
         monkeypatch.setenv(var, value)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)  # Trainer sets them
+        # Trainer sets them. setenv first, so that monkeypatch removes them again after the test: a
+        # MASTER_ADDR=node1 left in this process's environment would reach later tests' processes.
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     args = argparse.Namespace(output_dir="/o/%j", log_dir="", signal_delay_s=0, port=None)
     with pytest.raises(SystemExit) as e:
         slurm_launch.Trainer(entry, args)()

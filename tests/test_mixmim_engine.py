@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_resume import assert_identical, run_and_kill
 
 import models
+
 from conftest import assert_ok, pretrain, run_main
-from test_resume import assert_identical, run_and_kill
 
 MIX = ["--model", "mixmim_mini", "--input_size", "64", "--num_workers", "0", "--warmup_epochs", "1",
        "--log_dir", "", "--norm_pix_loss"]

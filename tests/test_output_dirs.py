@@ -15,12 +15,13 @@ from argparse import Namespace
 import pytest
 import torch
 
-import main_pretrain
-from conftest import MINI, assert_ok, one_line_error, pretrain
 from engine import pretrain as pretrain_engine
 from engine.checkpoint import LAST, PREV, Checkpointer
 from util import checkpoint_io
 from util.errors import UserError
+
+import main_pretrain
+from conftest import MINI, assert_ok, one_line_error, pretrain
 
 
 def _run(*cmd) -> bool:

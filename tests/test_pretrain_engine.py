@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import MINI, assert_ok, pretrain
 from engine.data import KeyedSamples, ResumableSampler, image_folder, pretrain_transform
 from engine.lr_sched import adjust_learning_rate, lr_at
+
+from conftest import MINI, assert_ok, pretrain
 
 
 def load(path):

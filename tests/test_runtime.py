@@ -3,8 +3,9 @@ import os
 
 import torch
 
+from engine.precision import configure_backends
+
 from conftest import MINI, assert_ok, pretrain
-from engine.runtime import configure_backends
 
 
 def test_deterministic_switches_on_deterministic_kernels(monkeypatch):

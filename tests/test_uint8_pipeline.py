@@ -1,7 +1,6 @@
 """The uint8 training data path against the official PIL pipeline: same decode, same crop boxes
 and flips under the same keyed seed, pixels within a grey level or two, bit-identical
 normalisation."""
-import io
 
 import numpy as np
 import pytest
@@ -10,9 +9,19 @@ import torchvision.transforms as T
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from engine.data import (
+    KeyedSamples,
+    RandomResizedCropFlip,
+    image_folder,
+    keyed_rng,
+    linprobe_transform,
+    pil_image,
+    pretrain_transform,
+    read_uint8,
+    to_model_input,
+)
+
 from conftest import PHOTOS
-from engine.data import KeyedSamples, image_folder, keyed_rng, linprobe_transform, pil_image, pretrain_transform
-from engine.uint8_pipeline import RandomResizedCropFlip, read_uint8, to_model_input
 
 JPEGS = sorted(PHOTOS.glob("*.jpg"))
 STD_255 = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
@@ -198,7 +207,7 @@ def test_device_decode_batches_equal_the_uint8_pipeline_on_cpu(tmp_path):
     for pipeline in ("uint8", "device_decode"):
         ds = KeyedSamples(folder, pretrain_transform(64, pipeline), 0, 4, pipeline, torch_rng_only=True)
         loader = build_loader(ds, 6, 1, 0, 0, 0, False)
-        loader.sampler.set_epoch(3)
+        loader.set_position(3)
         imgs, targets, noise = next(iter(loader))
         batches[pipeline] = to_model_input(imgs, torch.device("cpu")), noise
     assert type(next(iter(loader))[0]).__name__ == "EncodedBatch"
@@ -213,7 +222,7 @@ def test_device_decode_replaces_a_jpeg_whose_data_is_corrupt(tmp_path, capfd):
     (root / "b.jpg").write_bytes(JPEGS[1].read_bytes())
     ds = KeyedSamples(image_folder(str(tmp_path), "train"), pretrain_transform(32, "device_decode"), 0,
                       pipeline="device_decode")
-    from engine.uint8_pipeline import collate
+    from engine.data import collate
 
     imgs, _ = collate([ds[(0, 0)], ds[(0, 1)]])
     out = imgs.decode(torch.device("cpu"))

@@ -18,9 +18,10 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 
 import models
-from conftest import MINI, REPO, assert_ok, cli_env, one_line_error, pretrain
 from engine import visualize as vis
 from util.cli import run_cli
+
+from conftest import MINI, REPO, assert_ok, cli_env, one_line_error, pretrain
 
 SIZE, P = 64, 16          # MINI input size and patch size
 L = (SIZE // P) ** 2      # 16 patches

@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from .errors import UserError
 
-
 _CPU_GROUP = None
 
 

@@ -91,6 +91,3 @@ class LoopTimer:
         per_iter = (time.perf_counter() - self.start) / self.iters
         remaining = self.total - self.done - self.iters
         return str(datetime.timedelta(seconds=int(per_iter * max(remaining, 0))))
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -11,7 +11,7 @@ first step boundary. If training does not start within S/2 seconds of the signal
 SLURM leaves between signal and kill), the task exits with code 128 + signal, and the batch
 script requeues the job. On rank 0 it also signals the task itself S seconds before the job's
 time limit, in case SLURM's signal came before the tasks existed (then nobody receives it).
-util/slurm_launch.py runs submitit's task module through it (`python -u task_entry.py -u -m
+engine/slurm.py runs submitit's task module through it (`python -u task_entry.py -u -m
 submitit.core._submit FOLDER`); scripts/pretrain.sbatch runs main_pretrain.py through it.
 """
 import os

@@ -1,5 +1,6 @@
-"""The MAE of a pretraining run: --model plus the decoder flags of the paper's ablations
-(Table 1a/1b: --decoder_depth, --decoder_embed_dim, --decoder_num_heads).
+"""The model of a pretraining run (any masked-image model: MAE, MixMIM): --model at --input_size,
+plus the decoder flags of the MAE paper's ablations (Table 1a/1b: --decoder_depth,
+--decoder_embed_dim, --decoder_num_heads).
 
 An unset flag means the model's own decoder. A resumed run must rebuild the decoder its weights
 were trained with, so the checkpoint's recorded values fill the unset flags, and a flag that
@@ -15,7 +16,7 @@ import torch
 from util.errors import UserError
 
 from .checkpoint import recorded_args
-from .runtime import build_model
+from .model_factory import build_model
 
 log = logging.getLogger("mae")
 
@@ -68,10 +69,10 @@ def check_decoder_width(args, overrides: dict) -> None:
                         "share of the decoder width")
 
 
-def build_mae(args, ckpt: Optional[dict]):
-    """MaskedAutoencoderViT for --model, --input_size, --norm_pix_loss and the decoder flags
-    (reconciled with `ckpt`, the checkpoint the run resumes, if any); records the effective
-    decoder in args."""
+def build_pretrain_model(args, ckpt: Optional[dict]):
+    """The pretraining model (models/base.py MaskedImageModel) for --model, --input_size,
+    --norm_pix_loss, --range_mask_ratio and the decoder flags (reconciled with `ckpt`, the
+    checkpoint the run resumes, if any); records the effective decoder in args."""
     overrides = decoder_overrides(args, ckpt)
     check_decoder_width(args, overrides)
     extra = {"range_mask_ratio": args.range_mask_ratio} if getattr(args, "range_mask_ratio", 0) else {}

@@ -36,7 +36,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
 def use_pillow_compatible_ops() -> None:
     """Point timm's posterize ops at `posterize`. timm binds NAME_TO_OP[name] when an AugmentOp is
     built, so this must run before the transform is made; loader workers (fork or spawn) get the
-    ops with the transform, and a spawned worker unpickles them as engine.augment.posterize."""
+    ops with the transform, and a spawned worker unpickles them as engine.data.augment.posterize."""
     for name in _POSTERIZE_OPS:
         if timm_aa.NAME_TO_OP.get(name) is timm_aa.posterize:
             timm_aa.NAME_TO_OP[name] = posterize

@@ -4,7 +4,8 @@ rendezvous from the job's environment, automatic requeue and resume on preemptio
 The scripts/submitit_*.py launchers are thin wrappers around launch().
 
 The job's tasks unpickle a Trainer, so importing this module stays light (no torch): a stop
-signal may arrive while they do (see scripts/slurm/task_entry.py).
+signal may arrive while they do (see scripts/slurm/task_entry.py). torch comes with util.dist
+and util.cli, imported where they are used.
 """
 import argparse
 import contextlib
@@ -16,6 +17,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from util.errors import TrainingStopped, UserError
+
+from . import preemption
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_ENTRY = REPO / "scripts" / "slurm" / "task_entry.py"
@@ -54,8 +59,6 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
 
 def check_launcher_args(args) -> None:
     """Launcher flags SLURM would refuse, or accept and then misbehave on."""
-    from .errors import UserError
-
     what = "tasks per node" if _on_cpu(args) else "GPUs per node"
     for flag, value, low, meaning in (("nodes", args.nodes, 1, "nodes"), ("ngpus", args.ngpus, 1, what),
                                       ("timeout", args.timeout, 1, "minutes"),
@@ -78,8 +81,6 @@ def _on_cpu(args) -> bool:
 
 def _check_job_dir(job_dir: str) -> None:
     """The folder up to the first %-pattern can be created and written (submitit creates it)."""
-    from .errors import UserError
-
     parts = Path(job_dir).parts
     fixed = Path(*parts[:next((i for i, p in enumerate(parts) if "%" in p), len(parts))])
     existing = fixed
@@ -96,7 +97,7 @@ def _check_job_dir(job_dir: str) -> None:
 def requeue_lines(max_requeues: int):
     """Batch-script lines after srun: requeue the job when a task died from SIGUSR1/SIGUSR2 (srun
     exit 138/140) before any handler could act on it, e.g. a signal while Python started (or a
-    task that could not start training after one, see engine.preemption.record_early). Tasks
+    task that could not start training after one, see preemption.record_early). Tasks
     that saw the signal in training requeue the job themselves (submitit), and a requeue kills
     this script before it gets here; the Restarts check covers the race between the two."""
     return [
@@ -168,16 +169,13 @@ class Trainer:
         self.entry, self.args = entry, args
 
     def __call__(self):
-        from engine import preemption
-
         # submitit installed its SIGUSR2 handler (requeue at once) after unpickling this object:
         # take the signals back, so that until training runs they are recorded and submitit's
         # handler runs only once checkpoint-last is written.
         preemption.record_early(wait_s=max(self.args.signal_delay_s / 2, 1.0))
         import submitit
 
-        from .dist import first_host, slurm_master_port
-        from .errors import TrainingStopped, UserError
+        from util.dist import first_host, slurm_master_port
 
         env = submitit.JobEnvironment()
         port = getattr(self.args, "port", None) or slurm_master_port(os.environ["SLURM_JOB_ID"])
@@ -243,8 +241,6 @@ def _launcher_dests() -> set:
 
 
 def submit(args, parser, entry: str, job_name: str, preflight: str = "") -> None:
-    from .errors import UserError
-
     check_launcher_args(args)
     args.job_name = job_name
     args.job_dir = os.path.abspath(args.job_dir or os.path.join("jobs", "%j"))
@@ -297,7 +293,7 @@ def launch(parser: argparse.ArgumentParser, entry: str, job_name: str, argv=None
     """Parse the training CLI's flags plus the launcher's, check them as the training CLI would
     (`preflight`, "module:function"), then submit the job (or, --dry_run, print it). Returns the
     exit code: bad input is one `error: ...` line and exit 2."""
-    from .cli import run_cli
+    from util.cli import run_cli
 
     add_launcher_args(parser)
     # The submitting machine may have no GPU; the job's nodes decide. --device cpu opts out.

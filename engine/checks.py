@@ -1,0 +1,152 @@
+"""Checks of a training command that need neither a GPU nor a process group (flag values, the
+launch, --resume, output folders), used by the CLIs' preflight functions so that bad input fails
+in one line before any training work, also on a SLURM submitting machine."""
+import os
+import sys
+import tempfile
+
+import torch
+
+from util import dist as dist_util
+from util.checkpoint_io import check_checkpoint_file, os_error_text
+from util.errors import UserError
+
+
+def warn(message: str) -> None:
+    """A preflight warning, printed once (by rank 0) before logging is set up."""
+    if dist_util.launcher_rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_args(args) -> None:
+    """Flag values and combinations that cannot work, whatever the machine (no file or device access)."""
+    for name in ("batch_size", "accum_iter", "epochs", "print_freq", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.input_size < 1:
+        raise UserError(f"--input_size must be a positive image size in pixels (a multiple of the model's "
+                        f"patch size, e.g. 224), got {args.input_size}")
+    # `not x >= 0` also refuses nan.
+    for name in ("blr", "min_lr", "weight_decay", "warmup_epochs", "start_epoch"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr >= 0:
+        raise UserError(f"--lr must be 0 or more, got {args.lr} (leave it out to scale --blr by the batch)")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise UserError(f"--clip_grad must be a positive gradient norm, got {args.clip_grad} (leave it out for "
+                        "no clipping)")
+    for name, meaning in (("keep_last", "0 keeps every checkpoint-<epoch>.pth"),
+                          ("num_workers", "0 loads in the training process")):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more ({meaning}), got {getattr(args, name)}")
+    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
+        raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
+                        f"{args.accum_iter}: checkpoints are written between optimizer steps")
+    if args.start_epoch >= args.epochs:
+        raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}, so there is nothing "
+                        "to train: raise --epochs (it counts all epochs, those before --start_epoch included)")
+
+
+def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
+    """Device, launcher and precision flags. on_this_machine=False (a SLURM launcher on a submitting
+    machine) skips what only the job's nodes can answer: CUDA, and the launcher's environment."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device} is not a device: use cuda or cpu") from None
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {args.device}: this engine trains on cuda or cpu")
+    if on_this_machine and device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
+    if getattr(args, "dist_on_itp", False):
+        if not on_this_machine:
+            raise UserError("--dist_on_itp takes the ranks from OpenMPI's environment, but this job's tasks "
+                            "get them from SLURM: drop --dist_on_itp")
+        dist_util.launched_world_size(args)  # one line naming the missing OpenMPI variables
+    if args.world_size != 1 and args.world_size != world_size:
+        warn(f"--world_size {args.world_size} is ignored: the number of processes is the launcher's, and "
+             f"this run has {world_size}; start {args.world_size} with torchrun --nproc_per_node "
+             f"{args.world_size} (or srun), or drop the flag")
+    if args.amp == "fp16" and device.type == "cpu":
+        warn("--amp fp16 on CPU: fp16 autocast on CPUs is slow and unusual (and needs a gradient scaler); use "
+             "--amp bf16 or leave --amp out (fp32 on CPU)")
+
+
+def check_resume_file(args) -> None:
+    """--resume names a checkpoint file (or, the official MixMIM convention, its own run's future
+    checkpoint in --output_dir: see drop_future_resume)."""
+    if not args.resume:
+        return
+    if not os.path.exists(args.resume) and _own_future_checkpoint(args):
+        return
+    if not os.path.exists(args.resume):
+        raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
+    check_checkpoint_file(args.resume, "--resume")
+
+
+def _own_future_checkpoint(args) -> bool:
+    return bool(args.output_dir) and \
+        os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
+
+
+def drop_future_resume(args) -> None:
+    """The official MixMIM scripts always pass their run's own future checkpoint: a first run
+    starts fresh (automatic resume from --output_dir still finds checkpoint-last.pth)."""
+    if args.resume and not os.path.exists(args.resume) and _own_future_checkpoint(args):
+        if dist_util.launcher_rank() == 0:
+            print(f"note: --resume {args.resume} does not exist yet (it is in --output_dir): starting a new run "
+                  "or resuming from the output folder's own checkpoints", file=sys.stderr, flush=True)
+        args.resume = ""
+
+
+def check_output_dirs(args, room: int = 0) -> None:
+    """--output_dir and --log_dir can be created and written, before any training work, and the
+    output folder has `room` bytes free (one more checkpoint: see checkpoint_bytes)."""
+    check_writable_dir(args.output_dir, "--output_dir", room)
+    if args.log_dir and os.path.abspath(args.log_dir) != os.path.abspath(args.output_dir or "."):
+        check_writable_dir(args.log_dir, "--log_dir")
+
+
+def check_writable_dir(path: str, flag: str, needed_bytes: int = 0) -> None:
+    """`path` is a writable folder or can be made one (nothing is created); needed_bytes must fit."""
+    if not path:
+        return
+    target = os.path.abspath(path)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise UserError(f"{flag} {path} is an existing file, not a folder: give a folder path (or move the file)")
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path} cannot be created: {existing} is a file, not a folder; give a path that "
+                        "is not under a file")
+    if existing == target:
+        try:  # a real write: os.access does not see every read-only mount or network-file-system rule
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=target)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"{flag} {path} is not writable ({os_error_text(e)}): make it writable or give "
+                            "another folder") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else \
+            "is not writable (no permission)"
+        raise UserError(f"{flag} {path} cannot be created: {existing} {why}; give another folder")
+    if needed_bytes:
+        st = os.statvfs(existing)
+        free = st.f_bavail * st.f_frsize
+        if free < needed_bytes:
+            raise UserError(f"{flag} {path} has {_mb(free)} free, but a checkpoint of this model takes about "
+                            f"{_mb(needed_bytes)}: free space on that disk or give another {flag}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MB" if n < 2 ** 30 else f"{n / 2 ** 30:.1f} GB"
+
+
+def checkpoint_bytes(model, optimizer_slots: int = 2, trainable=None) -> int:
+    """A lower bound of a checkpoint's size: fp32 weights plus `optimizer_slots` fp32 tensors per
+    trainable parameter (AdamW: 2, LARS: 1). Works on meta-device models."""
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    trained = sum(p.numel() for p in (trainable if trainable is not None else model.parameters()))
+    return 4 * (params + optimizer_slots * trained)
