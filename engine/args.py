@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from .data import BUNDLED_DATA
+from .data import BUNDLED_DATA, DATA_FORMATS
 
 
 def default_device() -> str:
@@ -31,7 +31,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs of linear lr warmup")
 
     parser.add_argument("--data_path", default=BUNDLED_DATA, type=str,
-                        help="dataset folder with train/<class>/<images> (default: the bundled sample photos)")
+                        help="dataset folder with train/<class>/<images>, WebDataset .tar shards (a folder, with "
+                             "train/ val/ subfolders or split-named shards, or a pattern like "
+                             "/data/in22k-train-{000000..004095}.tar), or a Hugging Face dataset on disk (a "
+                             "save_to_disk folder, or parquet files per split) (default: the bundled sample photos)")
     parser.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt; "
                         "empty for no saving")
     parser.add_argument("--log_dir", default="./output_dir", help="where to write tensorboard logs")
@@ -79,6 +82,20 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     extra.add_argument("--grad_ckpt", action="store_true",
                        help="activation checkpointing: recompute each block in the backward pass (less memory "
                             "for ViT-H or large batches, about a third more compute)")
+    extra.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
+                       help="what --data_path holds: folder (ImageNet layout), wds (WebDataset tar shards), hf "
+                            "(a Hugging Face dataset on disk); auto: detected from what is there")
+    extra.add_argument("--image_column", default=None,
+                       help="hf: the image column (default: the Image feature, else image/img/jpg)")
+    extra.add_argument("--label_column", default=None,
+                       help="hf: the label column (default: the ClassLabel feature, else label/labels/cls)")
+    extra.add_argument("--data_order", choices=["auto", "global", "shard"], default="auto",
+                       help="training order: global (a random permutation of all samples, as for folders) or "
+                            "shard (tar shards: shuffle the shards, then the samples within windows of "
+                            "--shuffle_shards shards, so that each shard is read once per epoch); auto: shard "
+                            "for tar shards, else global")
+    extra.add_argument("--shuffle_shards", type=int, default=4, metavar="K",
+                       help="--data_order shard: shards shuffled together (and open at once per loader worker)")
     extra.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default=None,
                        help="training images: 'uint8' decodes JPEGs to uint8 tensors, crops and flips them "
                             "in the workers and normalises on the device (2x the images/s per worker); "

@@ -20,7 +20,7 @@ def warn(message: str) -> None:
 
 def check_args(args) -> None:
     """Flag values and combinations that cannot work, whatever the machine (no file or device access)."""
-    for name in ("batch_size", "accum_iter", "epochs", "print_freq", "save_every"):
+    for name in ("batch_size", "accum_iter", "epochs", "print_freq", "save_every", "shuffle_shards"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.input_size < 1:

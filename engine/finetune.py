@@ -22,10 +22,11 @@ from .data import (
     check_batch_fits,
     eval_loader,
     finetune_transform,
-    image_folder,
     linprobe_transform,
+    source_from_args,
     to_model_input,
     train_loader,
+    train_order,
 )
 from .distributed import DataParallel
 from .evaluate import evaluate
@@ -155,8 +156,9 @@ def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: boo
         if args.finetune:
             check_checkpoint_file(args.finetune, "--finetune")
         check_resume_file(args)
-        train_folder = image_folder(args.data_path, "train", allow_empty_classes=False)
-    val_folder = image_folder(args.data_path, "val", allow_empty_classes=False)
+        train_folder = source_from_args(args, "train", classification=True)
+        train_order(train_folder, args.data_order)
+    val_folder = source_from_args(args, "val", classification=True)
     _check_classes(train_folder, val_folder, args.nb_classes)
     if not args.eval:
         check_batch_fits(train_folder, args.batch_size, world_size)
@@ -196,8 +198,9 @@ def _data(args, plan, device, linprobe: bool):
     pipeline = args.data_pipeline or ("uint8" if linprobe else "pil")
     make_transform = (lambda train: linprobe_transform(args.input_size, train, pipeline)) if linprobe else \
         (lambda train: finetune_transform(args, train))
+    order = train_order(train_folder, args.data_order) if train_folder is not None else "global"
     feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, args.pin_mem and device.type == "cuda",
-                          world, rank)
+                          world, rank, order, args.shuffle_shards)
     val_loader = eval_loader(val_folder, make_transform(False), feed, shard=args.dist_eval)
     loader = None
     if args.eval:

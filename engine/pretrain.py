@@ -19,7 +19,15 @@ from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
 from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes, drop_future_resume
-from .data import LoaderSettings, check_batch_fits, image_folder, pretrain_transform, to_model_input, train_loader
+from .data import (
+    LoaderSettings,
+    check_batch_fits,
+    pretrain_transform,
+    source_from_args,
+    to_model_input,
+    train_loader,
+    train_order,
+)
 from .distributed import DataParallel
 from .logs import make_log_writer
 from .lr_sched import resolve_lr
@@ -98,7 +106,8 @@ def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleName
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
     check_mask(args, model)
     check_resume_file(args)
-    folder = image_folder(args.data_path, "train")
+    folder = source_from_args(args, "train")
+    train_order(folder, args.data_order)
     check_batch_fits(folder, args.batch_size, world_size)
     check_output_dirs(args, checkpoint_bytes(model))
     return SimpleNamespace(train_folder=folder, meta_model=model)
@@ -157,7 +166,7 @@ def main(args) -> None:
     folder = plan.train_folder
     pipeline = args.data_pipeline or "uint8"
     feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, args.pin_mem and device.type == "cuda",
-                          world, rank)
+                          world, rank, train_order(folder, args.data_order), args.shuffle_shards)
     loader = train_loader(folder, pretrain_transform(args.input_size, pipeline), pipeline, feed,
                           noise_len=model.mask_noise_len, torch_rng_only=True)
     log.info("Dataset: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)

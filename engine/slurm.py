@@ -252,7 +252,8 @@ def submit(args, parser, entry: str, job_name: str, preflight: str = "") -> None
         args.log_dir = args.output_dir
     args.output_dir = os.path.abspath(args.output_dir) if args.output_dir else ""
     args.log_dir = os.path.abspath(args.log_dir) if args.log_dir else ""
-    if os.path.isdir(args.data_path):
+    if os.path.isdir(args.data_path) or "{" in args.data_path or args.data_path.endswith(".tar"):
+        # a folder, or a shard pattern: the job may start in another directory
         args.data_path = os.path.abspath(args.data_path)
     for key in ("resume", "finetune"):
         if getattr(args, key, ""):

@@ -42,6 +42,7 @@ Grid layout (render_grid), all sizes in pixels, white background, black text:
 Pixels are converted to 8 bits as round(255 * x); removed patches in the masked panel are
 exactly MASK_GREY_U8 in all three channels.
 """
+import io
 import math
 import os
 import sys
@@ -124,14 +125,26 @@ def check_images(paths: Sequence[str]) -> None:
             raise _unreadable(path, e) from None
 
 
-def load_image(path: str, input_size: int) -> torch.Tensor:
-    """One image as a normalised (3, input_size, input_size) tensor; grayscale/RGBA become RGB."""
+def load_image(path: str, input_size: int, data: Optional[bytes] = None) -> torch.Tensor:
+    """One image (the file `path`, or its encoded `data` when given: a sample of a shard or dataset
+    source, `path` naming it) as a normalised (3, input_size, input_size) tensor; grayscale/RGBA
+    become RGB."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img = img.convert("RGB")
     except Exception as e:  # PIL raises many types for unreadable, truncated or non-image files
         raise _unreadable(path, e) from None
     return image_transform(input_size)(img)
+
+
+def _source_images(source):
+    """(name, encoded bytes or None) of an image source's samples, in its order; a sample the
+    source cannot give is an unreadable image."""
+    for i in range(len(source)):
+        try:
+            yield source.name(i), source[i][0]
+        except Exception:  # the source's reader failed: reported as unreadable by load_image
+            yield source.name(i), b""
 
 
 def fixed_batch(source, input_size: int, n: Optional[int] = None, skip_unreadable: bool = False) -> torch.Tensor:
@@ -144,6 +157,8 @@ def fixed_batch(source, input_size: int, n: Optional[int] = None, skip_unreadabl
     """
     if hasattr(source, "samples"):
         paths = [p for p, _ in source.samples]
+    elif hasattr(source, "name") and hasattr(source, "__getitem__"):  # shards, a Hugging Face dataset
+        paths = _source_images(source)
     elif isinstance(source, (str, os.PathLike)):
         paths = find_images([source])
     else:
@@ -152,8 +167,9 @@ def fixed_batch(source, input_size: int, n: Optional[int] = None, skip_unreadabl
     for path in paths:
         if n is not None and len(batch) == n:
             break
+        path, data = path if isinstance(path, tuple) else (path, None)
         try:
-            batch.append(load_image(path, input_size))
+            batch.append(load_image(path, input_size, data))
         except UserError as e:
             if not skip_unreadable:
                 raise

@@ -56,7 +56,16 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
-from engine.data import LoaderSettings, image_folder, pretrain_transform, to_model_input, train_loader  # noqa: E402
+from engine.data import (  # noqa: E402
+    DATA_FORMATS,
+    LoaderSettings,
+    ResumableSampler,
+    ShardOrderSampler,
+    open_source,
+    pretrain_transform,
+    to_model_input,
+    train_loader,
+)
 from engine.distributed import DataParallel  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
 from engine.optim import adamw  # noqa: E402
@@ -110,11 +119,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.set_num_threads (default: leave torch's setting)")
     parser.add_argument("--data_path", default=None,
                         help="step mode: feed real batches from <data_path>/train; loader mode: the JPEG folder")
+    parser.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
+                        help="what --data_path holds (folder, wds tar shards, hf dataset; auto: detected)")
     parser.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default="uint8",
                         help="step mode with --data_path: the training data pipeline")
     parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES[:3]),
                         help="loader mode: pipelines to compare")
     parser.add_argument("--num_workers", default=1, type=int, help="loader worker processes")
+    parser.add_argument("--data_order", choices=["global", "shard"], default="global",
+                        help="loader mode: the training order timed (shard: tar shards' shard-local order)")
+    parser.add_argument("--shuffle_shards", default=4, type=int,
+                        help="loader mode on tar shards: the shard-local order's window")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results to this file")
     return parser.parse_args(argv)
@@ -248,7 +263,7 @@ def time_interleaved(steps: Dict[str, Callable], args, device) -> Dict[str, Dict
 
 def real_batches(args, model, device):
     """Batches of the training loader (as engine/pretrain.py builds it), endlessly."""
-    folder = image_folder(args.data_path, "train")
+    folder = open_source(args.data_path, "train", data_format=args.data_format)
     feed = LoaderSettings(args.batch_size, args.seed, args.num_workers, device.type == "cuda")
     loader = train_loader(folder, pretrain_transform(args.input_size, args.data_pipeline), args.data_pipeline, feed,
                           noise_len=model.mask_noise_len, torch_rng_only=True)
@@ -360,11 +375,65 @@ def official_loader(args, folder):
                                        pin_memory=args.device.startswith("cuda"), drop_last=True)
 
 
+class Cycled:
+    """An image source repeated to `length` samples (sample i is source[i % len(source)])."""
+
+    def __init__(self, source, length: int):
+        self.source, self.length, self.root, self.classes = source, length, source.root, source.classes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.source[i % len(self.source)]
+
+    def name(self, i: int) -> str:
+        return self.source.name(i % len(self.source))
+
+
+def read_pattern(args, order: str) -> Dict:
+    """One epoch of rank 0 of 2 processes read in this process, as the loader reads it: per sample,
+    the bytes read (shards: counted at the file layer, tar headers and label members included;
+    folders and HF datasets: the encoded image, which is at least what the file or the memory map
+    gives), the reads that did not continue the previous one (seeks) and the shards opened."""
+    source = open_source(args.data_path, "train", data_format=args.data_format)
+    shards = hasattr(source, "shard_ranges")
+    if order == "shard":
+        source.open_shards = args.shuffle_shards
+        sampler = ShardOrderSampler(source, source.shard_ranges, args.shuffle_shards, 2, 0, args.seed)
+    else:
+        sampler = ResumableSampler(source, 2, 0, args.seed)
+    keys = [i for _, i in sampler]
+    image_bytes = sum(len(source[i][0]) for i in keys)
+    stats = source.stats.as_dict() if shards else {}
+    n = len(keys)
+    return {"source": type(source).__name__, "order": order, "samples": n,
+            "bytes_per_sample": (stats["bytes"] if shards else image_bytes) / n,
+            "image_bytes_per_sample": image_bytes / n,
+            "seeks_per_sample": stats["seeks"] / n if shards else None,
+            "opens_per_sample": stats["opens"] / n if shards else 1.0 if image_folder_like(source) else None,
+            "shards": len(source.shards) if shards else None}
+
+
+def image_folder_like(source) -> bool:
+    return hasattr(source, "samples")
+
+
 def run_loader(args, device) -> Dict:
-    folder = image_folder(args.data_path, "train")
+    folder = open_source(args.data_path, "train", data_format=args.data_format)
     # Enough samples for warm-up and every repeat in one pass, so no epoch restarts are timed.
     need = args.batch_size * (args.warmup + args.iters + 1)
-    folder.samples = (folder.samples * (need // len(folder.samples) + 1))[:max(need, len(folder.samples))]
+    n_images = len(folder)
+    if image_folder_like(folder):
+        folder.samples = (folder.samples * (need // len(folder.samples) + 1))[:max(need, len(folder.samples))]
+    else:
+        if args.data_order == "shard" and need > len(folder):
+            raise UserError(f"--data_order shard times one epoch: {len(folder)} samples are fewer than the "
+                            f"{need} needed; lower --iters or --batch_size")
+        if args.data_order != "shard":
+            folder = Cycled(folder, max(need, len(folder)))
+        if "official" in args.pipelines:  # torchvision's ImageFolder reads folders only
+            args.pipelines = [p for p in args.pipelines if p != "official"]
     num_patches = (args.input_size // 16) ** 2  # mask noise rows, as for a patch-16 MAE
     timings = {p: [] for p in args.pipelines}
     cpu_share = CpuShare()
@@ -375,7 +444,8 @@ def run_loader(args, device) -> Dict:
             else:
                 loader = train_loader(folder, pretrain_transform(args.input_size, pipeline), pipeline,
                                       LoaderSettings(args.batch_size, args.seed, args.num_workers,
-                                                     device.type == "cuda"),
+                                                     device.type == "cuda", order=args.data_order,
+                                                     shuffle_shards=args.shuffle_shards),
                                       noise_len=num_patches, torch_rng_only=True)
             it = iter(loader)
             for _ in range(args.warmup + 1):  # worker start-up and the first batches
@@ -395,8 +465,12 @@ def run_loader(args, device) -> Dict:
     base = timings.get("official")
     for r in rows:
         r["vs_official"] = r["img_per_s"] / statistics.median(base) if base else None
+    reads = [read_pattern(args, "global")]
+    if hasattr(getattr(folder, "source", folder), "shard_ranges"):
+        reads.append(read_pattern(args, "shard"))
     return {"mode": "loader", "rows": rows, "num_workers": args.num_workers, "batch_size": args.batch_size,
-            "input_size": args.input_size, "images": len(set(folder.samples)), "data_path": args.data_path,
+            "input_size": args.input_size, "images": n_images, "data_path": args.data_path, "reads": reads,
+            "data_order": args.data_order,
             "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
             "cpu_contention": contention}
 
@@ -411,6 +485,10 @@ STEP_COLUMNS = [  # (header, key, format)
 ]
 LOADER_COLUMNS = [("pipeline", "pipeline", "{}"), ("img/s", "img_per_s", "{:.1f}"),
                   ("img/s per worker", "img_per_s_per_worker", "{:.1f}"), ("x official", "vs_official", "{:.2f}")]
+READ_COLUMNS = [("source", "source", "{}"), ("order", "order", "{}"), ("samples", "samples", "{:d}"),
+                ("bytes/sample", "bytes_per_sample", "{:.0f}"), ("image bytes/sample", "image_bytes_per_sample", "{:.0f}"),
+                ("seeks/sample", "seeks_per_sample", "{:.2f}"),
+                ("opens/sample", "opens_per_sample", "{:.3f}")]
 
 
 def format_table(rows: List[Dict], columns) -> str:
@@ -453,9 +531,10 @@ def main(args) -> None:
               f"{r['peak_matmul']['op']}; peak mem: {r['peak_mem_kind']}; final loss {r['last_loss']:.4f}")
         contention = r["rows"][0]["cpu_contention"]
     else:
-        print(f"# {r['images']} images from {r['data_path']}, batch {r['batch_size']}, {r['num_workers']} "
-              f"worker(s), input {r['input_size']}; consumer normalises on {r['device']}")
+        print(f"# {r['images']} images from {r['data_path']} ({r['data_order']} order), batch {r['batch_size']}, "
+              f"{r['num_workers']} worker(s), input {r['input_size']}; consumer normalises on {r['device']}")
         print(format_table(r["rows"], LOADER_COLUMNS))
+        print(format_table(r["reads"], READ_COLUMNS))
         contention = r["cpu_contention"]
     line = describe_contention(contention, r["threads"])
     if line:

@@ -13,20 +13,24 @@ from util.errors import UserError
 
 from .device import collate
 from .keyed import KeyedSamples
-from .sampler import ResumableSampler, ShardSampler, samples_per_process
+from .sampler import ResumableSampler, ShardOrderSampler, ShardSampler, samples_per_process
 from .sources import ImageSource
 
 
 @dataclass(frozen=True)
 class LoaderSettings:
     """How a loader feeds this process: its batch, the data seed, the loader workers, pinned
-    host memory, and the process's place among world_size training processes."""
+    host memory, the process's place among world_size training processes, and the training
+    order: "global" (a permutation of all samples) or "shard" (tar shards: the shard-local order of
+    ShardOrderSampler over windows of shuffle_shards shards)."""
     batch_size: int
     seed: int
     num_workers: int = 0
     pin_memory: bool = False
     world_size: int = 1
     rank: int = 0
+    order: str = "global"
+    shuffle_shards: int = 4
 
 
 class TrainLoader(DataLoader):
@@ -60,10 +64,17 @@ def check_batch_fits(source: ImageSource, batch_size: int, world_size: int) -> N
 
 
 def build_loader(dataset: KeyedSamples, batch_size: int, world_size: int, rank: int, seed: int,
-                 num_workers: int, pin_memory: bool) -> TrainLoader:
+                 num_workers: int, pin_memory: bool, order: str = "global", shuffle_shards: int = 4) -> TrainLoader:
     """The training loader of keyed samples (train_loader builds them from a source)."""
     check_batch_fits(dataset, batch_size, world_size)
-    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    if order == "shard":
+        source = dataset.source
+        if not hasattr(source, "shard_ranges"):
+            raise UserError(f"the shard-local order needs tar shards; {source.root} is not: use the global order")
+        source.open_shards = max(source.open_shards, shuffle_shards)  # a window's shards stay open
+        sampler = ShardOrderSampler(dataset, source.shard_ranges, shuffle_shards, world_size, rank, seed)
+    else:
+        sampler = ResumableSampler(dataset, world_size, rank, seed)
     # A private generator: the loader's worker seeds must not consume the global RNG, or a
     # resumed run's global RNG stream would drift from the uninterrupted one.
     g = torch.Generator()
@@ -83,7 +94,7 @@ def train_loader(source: ImageSource, transform, pipeline: str, settings: Loader
     fine-tuning's RandAugment and random erasing), so numpy's and python's streams need no keying."""
     dataset = KeyedSamples(source, transform, settings.seed, noise_len, pipeline, torch_rng_only=torch_rng_only)
     return build_loader(dataset, settings.batch_size, settings.world_size, settings.rank, settings.seed,
-                        settings.num_workers, settings.pin_memory)
+                        settings.num_workers, settings.pin_memory, settings.order, settings.shuffle_shards)
 
 
 def eval_loader(source: ImageSource, transform, settings: LoaderSettings, shard: bool) -> DataLoader:

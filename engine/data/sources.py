@@ -1,13 +1,13 @@
 """Where the images come from: an image source maps an index to (encoded image, label).
 
 The rest of the data path (keyed randomness, decoding, transforms, samplers, loaders) sees a
-source only through ImageSource, so a WebDataset shard list or a Hugging Face dataset plugs in as
-another class with these few members. Today's source is an ImageNet-layout folder (FolderSource,
-built by image_folder) with torchvision's classes, indices and sample order.
+source only through ImageSource. The sources: an ImageNet-layout folder (FolderSource, built by
+image_folder) with torchvision's classes, indices and sample order; WebDataset tar shards
+(shards.py); a Hugging Face dataset on disk (hfds.py). open_source picks one for --data_path.
 """
 import os
 import sys
-from typing import Dict, List, Protocol, Set, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Set, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -191,3 +191,59 @@ def image_folder(data_path: str, split: str, allow_empty_classes: bool = True) -
     kept = [c for c, n in zip(folder.classes, counts) if n > 0]
     new_index = {folder.class_to_idx[c]: i for i, c in enumerate(kept)}
     return FolderSource(folder.root, kept, [(p, new_index[t]) for p, t in folder.samples])
+
+
+DATA_FORMATS = ("auto", "folder", "wds", "hf")
+
+
+def detect_format(data_path: str) -> str:
+    """What --data_path holds: "wds" (a brace pattern or glob of .tar files, or a folder of .tar
+    shards, split subfolders allowed), "hf" (a save_to_disk folder, or parquet files), else "folder"
+    (an ImageNet-layout folder; also what a path that does not exist is reported as)."""
+    from . import hfds, shards
+
+    if shards.is_shard_pattern(data_path) or shards.has_shards(data_path):
+        return "wds"
+    if os.path.isdir(data_path) and (hfds.is_saved_dataset(data_path) or hfds.has_parquet(data_path)):
+        return "hf"
+    return "folder"
+
+
+def open_source(data_path: str, split: str, *, data_format: str = "auto", need_labels: bool = False,
+                allow_empty_classes: bool = True, image_column: Optional[str] = None,
+                label_column: Optional[str] = None, num_classes: int = 1) -> ImageSource:
+    """The `split` ("train", "val") of --data_path as an image source: an ImageFolder root, tar
+    shards (engine.data.shards) or a Hugging Face dataset on disk (engine.data.hfds), detected
+    (data_format "auto") or forced. The shard and HF readers are imported only here, so folders
+    need neither library. need_labels: classification (the label column / cls member must exist);
+    num_classes numbers the classes of a source that does not name them."""
+    fmt = detect_format(data_path) if data_format == "auto" else data_format
+    if fmt == "wds":
+        from .shards import shard_source
+        return shard_source(data_path, split, need_labels, num_classes)
+    if fmt == "hf":
+        from .hfds import hf_source
+        return hf_source(data_path, split, need_labels, image_column, label_column, num_classes)
+    return image_folder(data_path, split, allow_empty_classes)
+
+
+def train_order(source: ImageSource, data_order: str = "auto") -> str:
+    """The training order: "shard" (shard-local) by default for tar shards, "global" for the rest;
+    "global" is also available for shards (it reads them at random)."""
+    is_shards = hasattr(source, "shard_ranges")
+    if data_order == "shard" and not is_shards:
+        raise UserError(f"--data_order shard needs tar shards; {source.root} is not: drop the flag "
+                        "(or use --data_order global)")
+    if data_order == "auto":
+        return "shard" if is_shards else "global"
+    return data_order
+
+
+def source_from_args(args, split: str, classification: bool = False) -> ImageSource:
+    """open_source with the CLIs' flags (--data_path, --data_format, --image_column, --label_column;
+    --nb_classes for classification)."""
+    return open_source(args.data_path, split, data_format=getattr(args, "data_format", "auto") or "auto",
+                       need_labels=classification, allow_empty_classes=not classification,
+                       image_column=getattr(args, "image_column", None),
+                       label_column=getattr(args, "label_column", None),
+                       num_classes=getattr(args, "nb_classes", 1) if classification else 1)

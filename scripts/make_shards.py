@@ -1,0 +1,194 @@
+"""Write any image source (an ImageFolder, tar shards, a Hugging Face dataset) as WebDataset tar
+shards that --data_path reads, with the index the reader needs; or check shards written so.
+
+    python scripts/make_shards.py --data_path /data/imagenet --out /data/in1k-shards --shard_size_mb 1000
+    python scripts/make_shards.py --data_path /data/imagenet --out /data/in1k-shards --check
+    python scripts/make_shards.py --index /data/in22k          # index shards written elsewhere (all .tar below)
+
+Per split (train, val: those the source has): <out>/<split>/<split>-000000.tar, ... written with
+webdataset's ShardWriter, a sample per source sample in the source's order (key = its index,
+zero-padded; members <key>.<jpg|png|webp> with the encoded bytes as they are, and <key>.cls with
+the label); beside them each shard's wids tar index (<shard>.tar.index: the member offsets, so a
+shard opens without scanning its headers) and the wids shard index shardindex.json (sample
+counts and sizes, which the reader needs to address samples and to detect truncated shards);
+<out>/classes.txt names the labels. The output is deterministic: the same input gives
+byte-identical files (fixed member order, mtime 0, uid/gid 0, fixed user/group names; ShardWriter
+takes them as options, so no tar writing of our own). Images that are neither JPEG, PNG nor WebP
+(BMP, TIFF, ...) are stored as PNG (lossless), since the readers take those three.
+
+--check reads every shard back through the training reader and compares it, sample by sample,
+with the source: count, label, and the image bytes (decoded pixels for re-encoded images).
+"""
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+from typing import List, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from engine.data import DATA_FORMATS, open_source  # noqa: E402
+from engine.data.shards import CLASSES_FILE, SHARD_INDEX, expand_pattern  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+SPLITS = ("train", "val")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("make_shards", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data_path", help="the source: an ImageFolder root, tar shards or a Hugging Face dataset")
+    parser.add_argument("--data_format", choices=DATA_FORMATS, default="auto")
+    parser.add_argument("--image_column", default=None, help="hf: the image column (default: detected)")
+    parser.add_argument("--label_column", default=None, help="hf: the label column (default: detected)")
+    parser.add_argument("--no_labels", action="store_true", help="write no .cls members (images only)")
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="splits to write (default: train, and val when the source has it)")
+    parser.add_argument("--out", help="output folder (<out>/<split>/<split>-NNNNNN.tar)")
+    parser.add_argument("--shard_size_mb", type=float, default=1000.0, help="target shard size in MB")
+    parser.add_argument("--max_per_shard", type=int, default=100000, help="at most this many samples per shard")
+    parser.add_argument("--check", action="store_true", help="verify --out against --data_path instead of writing")
+    parser.add_argument("--index", metavar="SHARDS", default=None,
+                        help="only write the indexes (shardindex.json, <shard>.tar.index) of existing shards: a "
+                             "folder (every .tar below it) or a brace pattern")
+    return parser
+
+
+def image_member(data: bytes) -> Tuple[str, bytes]:
+    """(member extension, bytes): JPEG, PNG and WebP as they are, anything else as PNG."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg", data
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png", data
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", data
+    with Image.open(io.BytesIO(data)) as img:
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+    return "png", out.getvalue()
+
+
+def write_index(shards: List[str]) -> None:
+    """wids's tar index beside each shard, and the wids shard index (shardindex.json) per folder."""
+    from wids.wids import group_by_key
+    from wids.wids_tar import TarFileReader
+
+    by_folder = {}
+    for path in shards:
+        if os.path.exists(path + ".index"):
+            os.remove(path + ".index")  # TarFileReader loads an existing one; rebuild it from this file
+        reader = TarFileReader(path, index_file=path + ".index", verbose=False)
+        nsamples = len(group_by_key(reader.names()))
+        reader.close()
+        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(
+            {"url": os.path.basename(path), "nsamples": nsamples, "filesize": os.path.getsize(path)})
+    for folder, entries in by_folder.items():
+        spec = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": os.path.basename(folder),
+                "shardlist": sorted(entries, key=lambda e: e["url"])}
+        with open(os.path.join(folder, SHARD_INDEX), "w") as f:
+            json.dump(spec, f, indent=2)
+            f.write("\n")
+
+
+def _sources(args, check: bool):
+    """(split, source) of each split to write; val only when the source has one, unless asked."""
+    out = []
+    for split in args.splits or SPLITS:
+        try:
+            out.append((split, open_source(args.data_path, split, data_format=args.data_format,
+                                           need_labels=not args.no_labels, allow_empty_classes=False,
+                                           image_column=args.image_column, label_column=args.label_column)))
+        except UserError as e:
+            if args.splits or split == "train":
+                raise
+            print(f"# no {split} split in {args.data_path} ({e}); not {'checked' if check else 'written'}")
+    return out
+
+
+def write_split(source, split: str, out: str, shard_bytes: float, max_per_shard: int, labels: bool) -> List[str]:
+    import webdataset as wds
+
+    folder = os.path.join(out, split)
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):  # a smaller rewrite must not leave shards of the last one
+        if old.endswith((".tar", ".tar.index")) or old == SHARD_INDEX:
+            os.remove(os.path.join(folder, old))
+    written: List[str] = []
+    width = max(8, len(str(len(source))))
+    with wds.ShardWriter(os.path.join(folder, f"{split}-%06d.tar"), maxcount=max_per_shard, maxsize=shard_bytes,
+                         post=written.append, verbose=0, encoder=False, mtime=0, user="", group="",
+                         mode=0o444) as sink:
+        for i in range(len(source)):
+            raw, label = source[i]
+            ext, data = image_member(raw)
+            sample = {"__key__": f"{i:0{width}d}", ext: data}
+            if labels:
+                sample["cls"] = str(int(label)).encode("ascii")
+            sink.write(sample)
+    write_index(written)
+    return written
+
+
+def check_split(source, split: str, out: str, labels: bool) -> Optional[str]:
+    """None when <out>/<split> holds exactly the source's samples, else what differs."""
+    shards = open_source(out, split, data_format="wds", need_labels=labels,
+                         num_classes=max(len(source.classes), 1))
+    if len(shards) != len(source):
+        return f"{split}: {len(shards)} samples in the shards, {len(source)} in the source"
+    for i in range(len(source)):
+        raw, label = source[i]
+        got, got_label = shards[i]
+        if labels and got_label != label:
+            return f"{split}: sample {i} ({source.name(i)}) has label {got_label} in the shards, {label} in the source"
+        if got != raw and image_member(raw)[1] != got:
+            return f"{split}: the image of sample {i} ({source.name(i)}) differs"
+        if got != raw:  # re-encoded as PNG: the pixels must be equal
+            with Image.open(io.BytesIO(raw)) as a, Image.open(io.BytesIO(got)) as b:
+                if not np.array_equal(np.asarray(a), np.asarray(b)):
+                    return f"{split}: the pixels of sample {i} ({source.name(i)}) differ"
+    return None
+
+
+def main(args) -> None:
+    if args.index:
+        shards = sorted(glob.glob(os.path.join(args.index, "**", "*.tar"), recursive=True)) \
+            if os.path.isdir(args.index) else expand_pattern(args.index)
+        if not shards or not all(os.path.isfile(s) for s in shards):
+            raise UserError(f"--index {args.index}: no .tar files there (or some of the pattern are missing)")
+        write_index(shards)
+        print(f"# indexed {len(shards)} shards of {args.index}")
+        return
+    if not args.data_path or not args.out:
+        raise UserError("give --data_path (the source) and --out (the shard folder), or --index SHARDS")
+    if args.shard_size_mb <= 0 or args.max_per_shard < 1:
+        raise UserError("--shard_size_mb must be positive and --max_per_shard at least 1")
+    labels = not args.no_labels
+    splits = _sources(args, args.check)
+    if args.check:
+        problems = [p for split, source in splits if (p := check_split(source, split, args.out, labels))]
+        if problems:
+            raise UserError(f"{args.out} does not match {args.data_path}: {problems[0]}")
+        print(f"# {args.out} matches {args.data_path}: " + ", ".join(f"{s} {len(src)} samples" for s, src in splits))
+        return
+    classes = splits[0][1].classes
+    for split, source in splits:
+        if source.classes != classes:
+            raise UserError(f"the classes of {split} differ from those of {splits[0][0]}: each split needs the "
+                            "same class list")
+        written = write_split(source, split, args.out, args.shard_size_mb * 1e6, args.max_per_shard, labels)
+        print(f"# {split}: {len(source)} samples in {len(written)} shards under {os.path.join(args.out, split)}")
+    with open(os.path.join(args.out, CLASSES_FILE), "w") as f:
+        f.write("".join(c + "\n" for c in classes))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))
