@@ -79,6 +79,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     extra.add_argument("--grad_ckpt", action="store_true",
                        help="activation checkpointing: recompute each block in the backward pass (less memory "
                             "for ViT-H or large batches, about a third more compute)")
+    wandb = parser.add_argument_group("Weights & Biases (optional; off without --wandb_project; WANDB_MODE=offline "
+                                      "for nodes without network, then `wandb sync`)")
+    wandb.add_argument("--wandb_project", default="", help="log to this W&B project (needs the wandb package)")
+    wandb.add_argument("--wandb_run_name", default="", help="the W&B run's display name (default: W&B's)")
+    wandb.add_argument("--wandb_entity", default="", help="the W&B team or user (default: your default entity)")
+    wandb.add_argument("--wandb_tags", default="", help="comma-separated W&B run tags")
     extra.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default=None,
                        help="training images: 'uint8' decodes JPEGs to uint8 tensors, crops and flips them "
                             "in the workers and normalises on the device (2x the images/s per worker); "
