@@ -103,6 +103,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "training device, the workers only read files and draw the crops; "
                             "'pil' is the official PIL pipeline. Default: uint8 for pretraining and linear "
                             "probing, pil for fine-tuning (RandAugment works on PIL images)")
+    wandb = parser.add_argument_group("Weights & Biases (optional; off without --wandb_project; WANDB_MODE=offline "
+                                      "for nodes without network, then `wandb sync`)")
+    wandb.add_argument("--wandb_project", default="", help="log to this W&B project (needs the wandb package)")
+    wandb.add_argument("--wandb_run_name", default="", help="the W&B run's display name (default: W&B's)")
+    wandb.add_argument("--wandb_entity", default="", help="the W&B team or user (default: your default entity)")
+    wandb.add_argument("--wandb_tags", default="", help="comma-separated W&B run tags")
 
 
 def add_classification_args(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from util.errors import UserError
 from util.rng import get_rng_state, set_rng_state
 
 from .distributed import DataParallel
+from .weights_io import check_architecture, read_weights
 
 log = logging.getLogger("mae")
 
@@ -91,6 +92,7 @@ class Checkpointer:
         self.args, self.keep_last = args, keep_last
         self.strategy = strategy if strategy is not None else DataParallel()
         self._no_rotate = False  # checkpoint-last.pth is known to be broken and could not be moved
+        self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/wandb_log.py)
         if output_dir and dist_util.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
             remove_stale_temp_files(output_dir)
@@ -136,6 +138,7 @@ class Checkpointer:
             "args": plain_args(self.args),
             "rng": rng,
             "format_version": FORMAT_VERSION,
+            **self.extra_state,
             **(extra or {}),
         }
         last = os.path.join(self.output_dir, LAST)
@@ -195,8 +198,8 @@ def find_resume_checkpoint(args, unreadable: Optional[List[str]] = None) -> Opti
 
     unreadable: when given, the output_dir checkpoints that failed to load are appended to it
     (for Checkpointer, which renames them aside)."""
-    if args.resume:
-        ckpt = load_checkpoint_file(args.resume, "--resume")
+    if args.resume:  # also weights of transformers, timm, safetensors (weights_io)
+        ckpt = read_weights(args.resume, "--resume")
         ckpt["_path"] = args.resume
         return ckpt
     if args.no_auto_resume or not args.output_dir:
@@ -276,6 +279,8 @@ def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
     path = ckpt["_path"]
     if "model" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model' entry: it is not a training checkpoint")
+    if "_format" in ckpt:  # transformers / timm / safetensors weights: name both architectures
+        check_architecture(model.state_dict(), ckpt, path, "--resume", getattr(args, "model", None))
     load_model_weights(model, ckpt["model"], path, recorded_args(ckpt), getattr(args, "model", None))
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         log.info("Loaded weights from %s (no optimizer state); starting at epoch %d", path, args.start_epoch)
@@ -314,7 +319,7 @@ def already_finished(pos: Position, args, ckpt: Optional[dict]) -> bool:
     return True
 
 
-def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
+def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: Optional[str] = None) -> None:
     """--finetune: encoder weights from a pretraining checkpoint into a classifier.
 
     Accepts this project's checkpoints, official ones ({'model': ...}) and bare encoder state
@@ -323,7 +328,9 @@ def load_pretrained_encoder(model, path: str, head_init_std: float) -> None:
     (trunc_normal, std head_init_std). Only its allowed_missing_keys may be missing; anything
     else missing or unexpected is an error.
     """
-    ckpt = load_checkpoint_file(path, "--finetune")
+    ckpt = read_weights(path, "--finetune")  # also transformers / timm folders, safetensors (weights_io)
+    if "_format" in ckpt:  # transformers / timm / safetensors weights: name both architectures
+        check_architecture(model.state_dict(), ckpt, path, "--finetune", model_name)
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     try:
         state = model.adapt_pretrained(state)

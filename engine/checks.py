@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 from util import dist as dist_util
-from util.checkpoint_io import check_checkpoint_file, os_error_text
+from util.checkpoint_io import os_error_text
 from util.errors import UserError
 
 
@@ -20,6 +20,7 @@ def warn(message: str) -> None:
 
 def check_args(args) -> None:
     """Flag values and combinations that cannot work, whatever the machine (no file or device access)."""
+    check_wandb_args(args)
     for name in ("batch_size", "accum_iter", "epochs", "print_freq", "save_every", "shuffle_shards"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -72,6 +73,20 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
              "--amp bf16 or leave --amp out (fp32 on CPU)")
 
 
+def check_wandb_args(args) -> None:
+    """--wandb_*: the other flags need --wandb_project, and the wandb package must be installed."""
+    if not getattr(args, "wandb_project", ""):
+        given = [f"--{k}" for k in ("wandb_run_name", "wandb_entity", "wandb_tags") if getattr(args, k, "")]
+        if given:
+            raise UserError(f"{', '.join(given)} without --wandb_project: W&B logging is off; add --wandb_project "
+                            "NAME or drop the flag")
+        return
+    from .wandb_log import wandb_available
+    if not wandb_available():
+        raise UserError(f"--wandb_project {args.wandb_project}: the wandb package is not installed: pip install "
+                        "wandb (or drop --wandb_project)")
+
+
 def check_resume_file(args) -> None:
     """--resume names a checkpoint file (or, the official MixMIM convention, its own run's future
     checkpoint in --output_dir: see drop_future_resume)."""
@@ -81,7 +96,8 @@ def check_resume_file(args) -> None:
         return
     if not os.path.exists(args.resume):
         raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
-    check_checkpoint_file(args.resume, "--resume")
+    from .weights_io import check_weights_source  # imported late: it loads the model code
+    check_weights_source(args.resume, "--resume")
 
 
 def _own_future_checkpoint(args) -> bool:

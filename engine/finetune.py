@@ -30,7 +30,7 @@ from .data import (
 )
 from .distributed import DataParallel
 from .evaluate import evaluate
-from .logs import make_log_writer
+from .logs import log_writer_state, make_log_writer
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import LARS, adamw, param_groups_lrd
@@ -38,6 +38,7 @@ from .precision import resolve_amp
 from .preemption import StopRequest
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
+from .weights_io import check_weights_source
 
 log = logging.getLogger("mae")
 
@@ -154,7 +155,7 @@ def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: boo
         check_checkpoint_file(args.resume, "--resume")
     else:
         if args.finetune:
-            check_checkpoint_file(args.finetune, "--finetune")
+            check_weights_source(args.finetune, "--finetune")
         check_resume_file(args)
         train_folder = source_from_args(args, "train", classification=True)
         train_order(train_folder, args.data_order)
@@ -218,7 +219,8 @@ def _model(args, device, linprobe: bool):
     probing frozen under a BatchNorm head."""
     model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
     if args.finetune and not args.eval:
-        ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5)
+        ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5,
+                                         model_name=args.model)
     if linprobe:
         make_linear_probe(model)
     model.to(device)
@@ -267,13 +269,14 @@ def _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp
     if ckpt_lib.already_finished(pos, args, found):
         return
     best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
+    log_writer = make_log_writer(args, found)  # continues the W&B run of the resumed checkpoint
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
 
     strategy = DataParallel.from_args(args, device)
     train_model = strategy.wrap(model)
     checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
                                          unreadable, strategy)
-    log_writer = make_log_writer(args)
+    checkpointer.extra_state.update(log_writer_state(log_writer))
 
     def after_epoch(epoch: int):
         stats = evaluate(strategy.module(train_model), val_loader, device, amp_dtype, sharded=args.dist_eval)

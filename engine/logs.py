@@ -16,13 +16,32 @@ from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 log = logging.getLogger("mae")
 
 
-def make_log_writer(args):
-    """Tensorboard writer on rank 0 when --log_dir is set."""
-    if not args.log_dir or not dist_util.is_main_process():
+def make_log_writer(args, resumed: Optional[dict] = None):
+    """On rank 0: the tensorboard writer when --log_dir is set, the W&B writer when --wandb_project
+    is (engine/wandb_log.py; `resumed`: the checkpoint the run resumes, whose W&B run it continues),
+    or both (LogWriters); None when neither."""
+    if not dist_util.is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
-    os.makedirs(args.log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=args.log_dir)
+    tensorboard = wandb = None
+    if args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
+        os.makedirs(args.log_dir, exist_ok=True)
+        tensorboard = SummaryWriter(log_dir=args.log_dir)
+    if getattr(args, "wandb_project", ""):
+        from .checkpoint import plain_args
+        from .wandb_log import CHECKPOINT_KEY, WandbWriter
+        wandb = WandbWriter(args, (resumed or {}).get(CHECKPOINT_KEY), plain_args(args))
+    if tensorboard is None or wandb is None:
+        return tensorboard or wandb
+    from .wandb_log import LogWriters
+    return LogWriters(tensorboard, wandb)
+
+
+def log_writer_state(log_writer) -> dict:
+    """What checkpoints keep of the log writers: the W&B run id, so a resumed job continues the run."""
+    from .wandb_log import CHECKPOINT_KEY, LogWriters, WandbWriter
+    writer = log_writer.wandb if isinstance(log_writer, LogWriters) else log_writer
+    return {CHECKPOINT_KEY: writer.run_id} if isinstance(writer, WandbWriter) else {}
 
 
 def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: int, epoch_iters: int, lr: float,
@@ -50,6 +69,8 @@ def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: in
         if "grad_norm" in window:
             log_writer.add_scalar("grad_norm", window["grad_norm"], epoch_1000x)
         log_writer.add_scalar("img_per_s", global_batch / timing["iter_time"], epoch_1000x)
+        if hasattr(log_writer, "end_row"):  # W&B: the line's values as one row, sent now
+            log_writer.end_row()
 
 
 def append_epoch_record(output_dir: str, record: dict, epoch: int) -> None:

@@ -29,7 +29,7 @@ from .data import (
     train_order,
 )
 from .distributed import DataParallel
-from .logs import make_log_writer
+from .logs import log_writer_state, make_log_writer
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import adamw
@@ -187,13 +187,14 @@ def main(args) -> None:
     if ckpt_lib.already_finished(pos, args, found):
         dist_util.cleanup()
         return
+    log_writer = make_log_writer(args, found)  # continues the W&B run of the resumed checkpoint
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
 
     strategy = DataParallel.from_args(args, device)
     train_model = strategy.wrap(model)
     checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
                                          unreadable, strategy)
-    log_writer = make_log_writer(args)
+    checkpointer.extra_state.update(log_writer_state(log_writer))
     compute_loss = mae_loss(args.mask_ratio, device)
     run = TrainingRun.from_args(args, model=train_model, strategy=strategy, compute_loss=compute_loss,
                                 optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,

@@ -16,6 +16,7 @@ from .base import MaskCounts, MaskedImageModel
 from .patches import patch_grid, patchify, unpatchify
 from .pos_embed import sincos_pos_embed_tensor
 from .registry import register_model
+from .state_dict import without_decoder
 
 
 class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
@@ -273,3 +274,132 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
 mae_vit_base_patch16 = register_model(mae_vit_base_patch16_dec512d8b, "mae_vit_base_patch16", task="pretrain")
 mae_vit_large_patch16 = register_model(mae_vit_large_patch16_dec512d8b, "mae_vit_large_patch16", task="pretrain")
 mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, "mae_vit_huge_patch14", task="pretrain")
+
+
+# ---------------------------------------------------------------------------- other layouts
+# The official layout above is also timm's VisionTransformer layout (cls_token, pos_embed,
+# patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm; a classifier adds
+# fc_norm and head), which is why timm loads the official release files directly. transformers names
+# the same tensors otherwise and splits qkv; these maps are the one place that knows its names (timm's
+# checkpoint_filter_fn style), used by the export (engine/export.py) and every import
+# (engine/weights_io.py). The transformers names are those of its hub files (the 4.x module names, which
+# transformers 5 renames on load), so that one file serves every transformers version.
+HF_BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+HF_QKV_NAMES = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+# transformers 5 module names (what its own state_dict() holds), accepted on import.
+_HF5_BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_HF5_QKV_NAMES = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+_HF_TOP = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+_HF_ENCODER_BLOCKS, _HF_DECODER_BLOCKS = "encoder.layer.", "decoder.decoder_layers."
+
+
+def _blocks_to_hf(key: str, value: torch.Tensor, ours: str, theirs: str, out: dict, key_bias: bool = True,
+                  names=(HF_BLOCK_NAMES, HF_QKV_NAMES)) -> bool:
+    if not key.startswith(ours):
+        return False
+    i, rest = key[len(ours):].split(".", 1)
+    module, leaf = rest.rsplit(".", 1)
+    block_names, qkv_names = names
+    if module == "attn.qkv":
+        for name, part in zip(qkv_names, value.chunk(3, dim=0)):
+            if key_bias or leaf != "bias" or name != qkv_names[1]:
+                out[f"{theirs}{i}.{name}.{leaf}"] = part.clone()
+    else:
+        out[f"{theirs}{i}.{block_names[module]}.{leaf}"] = value
+    return True
+
+
+def to_hf_state_dict(state: dict, encoder_prefix: str = "vit.", beit: bool = False,
+                     module_names: bool = False) -> dict:
+    """Official-layout tensors -> transformers' ViTMAE / ViT names: the encoder under
+    `encoder_prefix` ('vit.' in ViTMAEForPreTraining and ViTForImageClassification, '' in ViTModel),
+    the decoder under 'decoder.', a classification head as 'classifier'.
+
+    beit=True: BeitForImageClassification's names (prefix 'beit.'), the transformers class that
+    averages the patch tokens (use_mean_pooling): fc_norm is its pooler's layernorm, and the key
+    projection has no bias there. Dropping it is exact: q . b_k is the same for every key of a
+    query, and softmax ignores a constant shift. ValueError for a key with no counterpart.
+
+    module_names=True: the names of transformers 5's modules instead of its hub files' (for
+    load_state_dict into a model built there; from_pretrained takes the hub names in every version)."""
+    names = (_HF5_BLOCK_NAMES, _HF5_QKV_NAMES) if module_names else (HF_BLOCK_NAMES, HF_QKV_NAMES)
+    encoder_blocks = "layers." if module_names else _HF_ENCODER_BLOCKS
+    out = {}
+    for key, value in state.items():
+        if key in _HF_TOP and not (beit and key.startswith("norm.")):
+            out[encoder_prefix + _HF_TOP[key]] = value
+        elif beit and key.startswith("fc_norm."):
+            out[encoder_prefix + "pooler.layernorm." + key[len("fc_norm."):]] = value
+        elif key.startswith("head."):
+            out["classifier." + key[len("head."):]] = value
+        elif _blocks_to_hf(key, value, "blocks.", encoder_prefix + encoder_blocks, out, not beit, names):
+            pass
+        elif not beit and _blocks_to_hf(key, value, "decoder_blocks.", _HF_DECODER_BLOCKS, out, True, names):
+            pass
+        elif not beit and key.startswith(("decoder_", "mask_token")):
+            out["decoder." + key] = value
+        else:
+            raise ValueError(f"transformers' {'BEiT' if beit else 'ViT'} has no counterpart of {key}")
+    return out
+
+
+def is_hf_state_dict(state: dict) -> bool:
+    """Keys of transformers' ViT / ViTMAE (any version, with or without the 'vit.' prefix)."""
+    return any(k.split(".", 2)[:2] == ["embeddings", "patch_embeddings"] or
+               k.startswith("vit.embeddings.") for k in state)
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    """transformers' ViTMAE / ViTModel / ViTForImageClassification tensors (hub names of 4.x, module
+    names of 5.x) -> the official layout. The pooler of ViTModel (unused by MAE) is dropped."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    per_block = {}  # (our prefix, i) -> {hf module: {leaf: tensor}}
+    out = {}
+    for key, value in state.items():
+        key = key[len("vit."):] if key.startswith("vit.") else key
+        if key in top:
+            out[top[key]] = value
+        elif key.startswith("classifier."):
+            out["head." + key[len("classifier."):]] = value
+        elif key.startswith("pooler."):
+            continue
+        elif key.startswith(("encoder.layer.", "layers.", "decoder.decoder_layers.")):
+            prefix = "decoder_blocks." if key.startswith("decoder.") else "blocks."
+            rest = key.split("layer.", 1)[1] if key.startswith("encoder.") else key.split("layers.", 1)[1]
+            i, rest = rest.split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            per_block.setdefault((prefix, int(i)), {}).setdefault(module, {})[leaf] = value
+        elif key.startswith("decoder."):
+            out[key[len("decoder."):]] = value
+        else:
+            raise ValueError(f"{key} is not a key of transformers' ViT or ViTMAE")
+    for (prefix, i), modules in sorted(per_block.items()):
+        for names, qkv_names in ((HF_BLOCK_NAMES, HF_QKV_NAMES), (_HF5_BLOCK_NAMES, _HF5_QKV_NAMES)):
+            if qkv_names[0] not in modules:
+                continue
+            for leaf in modules[qkv_names[0]]:
+                out[f"{prefix}{i}.attn.qkv.{leaf}"] = torch.cat([modules[n][leaf] for n in qkv_names])
+            for ours, theirs in names.items():
+                for leaf, value in modules.get(theirs, {}).items():
+                    out[f"{prefix}{i}.{ours}.{leaf}"] = value
+            break
+        else:
+            raise ValueError(f"block {i} of the transformers weights has no query/key/value projections")
+    return out
+
+
+def to_timm_state_dict(state: dict) -> dict:
+    """Official-layout tensors -> a timm VisionTransformer's state dict: the same keys, less the
+    decoder (timm's ViT has none)."""
+    return without_decoder(state)
+
+
+def from_timm_state_dict(state: dict) -> dict:
+    """A timm ViT checkpoint (its own layout, the `*.mae` weights included, or a timm training
+    checkpoint's prefixed 'module.' keys) -> the official layout: the same keys."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

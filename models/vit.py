@@ -95,3 +95,20 @@ def vit_large_patch16(**kwargs):
 @register_model
 def vit_huge_patch14(**kwargs):
     return _vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+
+
+PROBE_BN_EPS = 1e-6  # the linear probe's BatchNorm (engine/finetune.py make_linear_probe, as officially)
+
+
+def fold_probe_head(state: dict, eps: float = PROBE_BN_EPS) -> dict:
+    """A linear-probe state dict (head = BatchNorm without affine, then Linear: head.0.*, head.1.*)
+    with the head folded into one Linear `head` computing the same function in eval mode:
+    W / sqrt(var + eps) and b - W mean / sqrt(var + eps), in float64. Other state dicts unchanged."""
+    if "head.1.weight" not in state or "head.0.running_var" not in state:
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith("head.")}
+    w, b = state["head.1.weight"].double(), state["head.1.bias"].double()
+    inv = (state["head.0.running_var"].double() + eps).rsqrt()
+    out["head.weight"] = (w * inv).to(state["head.1.weight"].dtype)
+    out["head.bias"] = (b - w @ (state["head.0.running_mean"].double() * inv)).to(state["head.1.bias"].dtype)
+    return out

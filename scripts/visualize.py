@@ -48,8 +48,8 @@ from engine.visualize import (  # noqa: E402
     render_grid,
     take,
 )
+from engine.weights_io import matching_model, read_weights  # noqa: E402
 from models.state_dict import checkpoint_kind, has_decoder, trained_input_size  # noqa: E402
-from util.checkpoint_io import load_checkpoint_file  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
@@ -113,6 +113,8 @@ def model_from_checkpoint(args, ckpt: dict, device: torch.device):
     if name and args.model and args.model != name:
         print(f"note: using the architecture recorded in {path} ({name}), not --model {args.model}",
               file=sys.stderr)
+    if not name and not args.model and "_format" in ckpt:  # a transformers / timm folder: its shapes tell
+        name = matching_model(sd, "pretrain", saved.get("num_heads"))
     name = name or args.model
     if not name:
         raise UserError(f"checkpoint {path} does not record its architecture: pass --model "
@@ -166,7 +168,7 @@ def main(args) -> None:
     paths = find_images(args.images)
     check_images(paths)
 
-    ckpt = load_checkpoint_file(args.checkpoint, "--checkpoint")
+    ckpt = read_weights(args.checkpoint, "--checkpoint")  # also transformers / timm folders, safetensors
     model, name, train_size = model_from_checkpoint(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from models import MaskedAutoencoderViT, create_model, list_models
+from models.mae import to_hf_state_dict
 
 OFFICIAL_NAMES = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
@@ -420,41 +421,11 @@ def _build_hf(sizes, norm_pix):
 
 
 def _to_hf_state_dict(sd, hf_keys):
-    """Map our (official) keys onto transformers' ViTMAE keys, leaving out the fixed pos tables."""
+    """Our (official) keys as transformers' ViTMAE keys (the map of models/mae.py, the one the export
+    and the import use), leaving out the fixed pos tables, for the version of transformers installed."""
     new_style = any(".attention.q_proj." in k for k in hf_keys)
-    enc_prefix = "vit.layers." if new_style else "vit.encoder.layer."
-    if new_style:
-        qkv_names = ["attention.q_proj", "attention.k_proj", "attention.v_proj"]
-        rename = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
-                  "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    else:
-        qkv_names = ["attention.attention.query", "attention.attention.key", "attention.attention.value"]
-        rename = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
-    top = {"cls_token": "vit.embeddings.cls_token",
-           "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
-           "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
-           "norm.weight": "vit.layernorm.weight", "norm.bias": "vit.layernorm.bias"}
-    out = {}
-    for k, v in sd.items():
-        if k in ("pos_embed", "decoder_pos_embed"):
-            continue
-        if k in top:
-            out[top[k]] = v
-            continue
-        for ours, theirs in (("blocks.", enc_prefix), ("decoder_blocks.", "decoder.decoder_layers.")):
-            if k.startswith(ours):
-                i, rest = k[len(ours):].split(".", 1)
-                mod, leaf = rest.rsplit(".", 1)
-                if mod == "attn.qkv":
-                    for name, part in zip(qkv_names, v.chunk(3, dim=0)):
-                        out[f"{theirs}{i}.{name}.{leaf}"] = part.clone()
-                else:
-                    out[f"{theirs}{i}.{rename[mod]}.{leaf}"] = v
-                break
-        else:
-            out["decoder." + k] = v
-    return out
+    sd = {k: v for k, v in sd.items() if k not in ("pos_embed", "decoder_pos_embed")}
+    return to_hf_state_dict(sd, module_names=new_style)
 
 
 def _compare_with_hf(ours, hf_sizes, D, Dd, grid, norm_pix, img, n=2, atol=1e-5, seed=0):
