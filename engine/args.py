@@ -96,6 +96,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "for tar shards, else global")
     extra.add_argument("--shuffle_shards", type=int, default=4, metavar="K",
                        help="--data_order shard: shards shuffled together (and open at once per loader worker)")
+    extra.add_argument("--dist_strategy", choices=["ddp", "fsdp"], default="ddp",
+                       help="how the model is spread over the processes: 'ddp' keeps a whole replica (weights, "
+                            "gradients, AdamW state: 16 bytes per parameter) on each; 'fsdp' shards every "
+                            "transformer block over the processes with FSDP2 (models beyond ViT-H: ViT-2B, "
+                            "ViT-6.5B), with sharded checkpoint directories (README: Sharded training)")
+    extra.add_argument("--fsdp_shard_size", type=int, default=0, metavar="N",
+                       help="with --dist_strategy fsdp: shard inside groups of N processes (e.g. the GPUs of "
+                            "one node) and replicate across the groups (hybrid sharding); 0: shard over all")
+    extra.add_argument("--async_save", action="store_true",
+                       help="with --dist_strategy fsdp: write checkpoints in the background (training waits "
+                            "only for the copy to host memory; the next save waits for the write)")
     extra.add_argument("--data_pipeline", choices=["uint8", "device_decode", "pil"], default=None,
                        help="training images: 'uint8' decodes JPEGs to uint8 tensors, crops and flips them "
                             "in the workers and normalises on the device (2x the images/s per worker); "

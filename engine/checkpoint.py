@@ -75,8 +75,8 @@ def numbered_checkpoints(output_dir: str) -> List[str]:
 
 
 class Checkpointer:
-    """Writes checkpoints on rank 0; every rank must call save() (RNG states, and with a sharded
-    strategy the model and optimizer state, are gathered).
+    """Writes checkpoints on rank 0; every rank must call save() (the RNG states are gathered).
+    A sharded strategy's checkpoints are directories: engine/dcp_checkpoint.py ShardedCheckpointer.
 
     model: the training model; `strategy` (engine/distributed.py, default: DataParallel) gives its
     full state dict, with the plain module's keys.
@@ -193,29 +193,48 @@ def _fix(cause: OSError, output_dir: str) -> str:
     return f"check {output_dir} (or give another --output_dir)"
 
 
-def find_resume_checkpoint(args, unreadable: Optional[List[str]] = None) -> Optional[dict]:
-    """The checkpoint to resume from: --resume, else the newest readable one in output_dir.
+def load_any(path: str, flag: Optional[str] = None) -> dict:
+    """A checkpoint file, or of a sharded checkpoint directory only its plain entries (with
+    '_sharded': the strategy loads its shards; engine/dcp_checkpoint.py)."""
+    from . import dcp_checkpoint
+    if dcp_checkpoint.is_sharded(path):
+        return dcp_checkpoint.load_meta(path, flag)
+    ckpt = load_checkpoint_file(path, flag)
+    ckpt["_path"] = path
+    return ckpt
+
+
+def resume_candidates(output_dir: str, sharded: bool = False) -> List[str]:
+    """The checkpoints automatic resume tries, in order. A sharded run (--dist_strategy fsdp)
+    tries its directories first, then the files of a DDP run it continues."""
+    from . import dcp_checkpoint
+    files = [os.path.join(output_dir, n) for n in (LAST, PREV)] + numbered_checkpoints(output_dir)
+    if not sharded:
+        return files
+    dirs = [os.path.join(output_dir, n) for n in (dcp_checkpoint.LAST, dcp_checkpoint.PREV)]
+    return dirs + dcp_checkpoint.numbered_dirs(output_dir) + files
+
+
+def find_resume_checkpoint(args, unreadable: Optional[List[str]] = None, sharded: bool = False) -> Optional[dict]:
+    """The checkpoint to resume from: --resume, else the newest readable one in output_dir
+    (sharded: a sharded run's, see resume_candidates).
 
     unreadable: when given, the output_dir checkpoints that failed to load are appended to it
     (for Checkpointer, which renames them aside)."""
-    if args.resume:  # also weights of transformers, timm, safetensors (weights_io)
-        ckpt = read_weights(args.resume, "--resume")
-        ckpt["_path"] = args.resume
-        return ckpt
+    if args.resume:
+        return load_any(args.resume, "--resume")
     if args.no_auto_resume or not args.output_dir:
         return None
-    candidates = [os.path.join(args.output_dir, n) for n in (LAST, PREV)] + numbered_checkpoints(args.output_dir)
-    for path in candidates:
-        if not os.path.exists(path):
+    for path in resume_candidates(args.output_dir, sharded):
+        if not os.path.lexists(path):
             continue
         try:
-            ckpt = load_checkpoint_file(path)
+            ckpt = load_any(path)
         except CheckpointError as e:
             log.warning("warning: %s; trying the previous checkpoint", e)
             if unreadable is not None:
                 unreadable.append(path)
             continue
-        ckpt["_path"] = path
         return ckpt
     return None
 
@@ -232,13 +251,14 @@ def mismatch_report(own: dict, state: dict, allowed_missing=()) -> str:
 
 
 def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[dict] = None,
-                       model_name: Optional[str] = None) -> None:
+                       model_name: Optional[str] = None, strategy=None) -> None:
     """Strict load with a one-line error naming the mismatching keys, what the checkpoint is when
     it is of another kind (e.g. pretraining weights given to a classifier), and the architecture
-    the checkpoint records (`recorded`: its args) against this run's `model_name`."""
+    the checkpoint records (`recorded`: its args) against this run's `model_name`. `strategy`
+    loads the weights (a sharded model takes its slices of them)."""
     problems = mismatch_report(model.state_dict(), state_dict)
     if not problems:
-        model.load_state_dict(state_dict)
+        (strategy or DataParallel()).load_model_state(model, state_dict)
         return
     have, want = checkpoint_kind(state_dict), checkpoint_kind(model.state_dict())
     saved = (recorded or {}).get("model")
@@ -272,24 +292,39 @@ def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[
     raise UserError(f"checkpoint {source} does not fit {ours} ({problems}): {fix}")
 
 
-def resume(ckpt: Optional[dict], model, optimizer, scaler, args) -> Position:
-    """Restore model (and, when present, optimizer, scaler, RNG and data position)."""
+def resume(ckpt: Optional[dict], model, optimizer, scaler, args, strategy=None) -> Position:
+    """Restore model (and, when present, optimizer, scaler, RNG and data position). `strategy`
+    (default DataParallel) loads the state: a sharded strategy reads a sharded checkpoint's
+    slices; another strategy gets a sharded checkpoint gathered in this process."""
     if ckpt is None:
         return Position(epoch=args.start_epoch)
+    strategy = strategy or DataParallel()
     path = ckpt["_path"]
+    if ckpt.get("_sharded") and strategy.sharded:
+        from .dcp_checkpoint import load_into
+        load_into(strategy, model, optimizer, path)
+        return _resume_position(ckpt, scaler, args, path)
+    if ckpt.get("_sharded"):
+        from .dcp_checkpoint import load_full
+        ckpt = load_full(path, "--resume" if args.resume else None)
     if "model" not in ckpt:
         raise UserError(f"checkpoint {path} has no 'model' entry: it is not a training checkpoint")
     if "_format" in ckpt:  # transformers / timm / safetensors weights: name both architectures
         check_architecture(model.state_dict(), ckpt, path, "--resume", getattr(args, "model", None))
-    load_model_weights(model, ckpt["model"], path, recorded_args(ckpt), getattr(args, "model", None))
+    load_model_weights(model, ckpt["model"], path, recorded_args(ckpt), getattr(args, "model", None), strategy)
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         log.info("Loaded weights from %s (no optimizer state); starting at epoch %d", path, args.start_epoch)
         return Position(epoch=args.start_epoch)
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        strategy.load_optimizer_state(model, optimizer, ckpt["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError(f"optimizer state in {path} does not fit this model's parameter groups ({e}): "
                         "resume with the same --model, or load weights only") from None
+    return _resume_position(ckpt, scaler, args, path)
+
+
+def _resume_position(ckpt: dict, scaler, args, path: str) -> Position:
+    """The scaler, RNG states and data position of a checkpoint whose weights are loaded."""
     if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     epoch = int(ckpt["epoch"])
@@ -319,7 +354,8 @@ def already_finished(pos: Position, args, ckpt: Optional[dict]) -> bool:
     return True
 
 
-def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: Optional[str] = None) -> None:
+def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: Optional[str] = None,
+                            strategy=None) -> None:
     """--finetune: encoder weights from a pretraining checkpoint into a classifier.
 
     Accepts this project's checkpoints, official ones ({'model': ...}) and bare encoder state
@@ -328,7 +364,11 @@ def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: 
     (trunc_normal, std head_init_std). Only its allowed_missing_keys may be missing; anything
     else missing or unexpected is an error.
     """
-    ckpt = read_weights(path, "--finetune")  # also transformers / timm folders, safetensors (weights_io)
+    from . import dcp_checkpoint
+    if dcp_checkpoint.is_sharded(path):  # a sharded pretraining checkpoint, gathered here
+        ckpt = dcp_checkpoint.load_full(path, "--finetune")
+    else:
+        ckpt = read_weights(path, "--finetune")  # also transformers / timm folders, safetensors (weights_io)
     if "_format" in ckpt:  # transformers / timm / safetensors weights: name both architectures
         check_architecture(model.state_dict(), ckpt, path, "--finetune", model_name)
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
@@ -342,6 +382,6 @@ def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: 
         what = f" (it records --model {saved})" if saved else ""
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
                         f"({problems}): check that --model matches the pretrained encoder{what}")
-    model.load_state_dict(state, strict=False)
+    (strategy or DataParallel()).load_model_state(model, state, strict=False)
     model.init_head(head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)

@@ -68,6 +68,7 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
         warn(f"--world_size {args.world_size} is ignored: the number of processes is the launcher's, and "
              f"this run has {world_size}; start {args.world_size} with torchrun --nproc_per_node "
              f"{args.world_size} (or srun), or drop the flag")
+    check_strategy(args, world_size)
     if args.amp == "fp16" and device.type == "cpu":
         warn("--amp fp16 on CPU: fp16 autocast on CPUs is slow and unusual (and needs a gradient scaler); use "
              "--amp bf16 or leave --amp out (fp32 on CPU)")
@@ -87,6 +88,32 @@ def check_wandb_args(args) -> None:
                         "wandb (or drop --wandb_project)")
 
 
+def check_strategy(args, world_size: int) -> None:
+    """--dist_strategy and the flags that go with it."""
+    strategy = getattr(args, "dist_strategy", "ddp")
+    shard_size, async_save = getattr(args, "fsdp_shard_size", 0), getattr(args, "async_save", False)
+    if strategy != "fsdp":
+        for flag, given in (("--fsdp_shard_size", shard_size), ("--async_save", async_save)):
+            if given:
+                raise UserError(f"{flag} is an option of --dist_strategy fsdp (sharded checkpoints): add "
+                                "--dist_strategy fsdp, or drop the flag")
+        return
+    if shard_size < 0 or (shard_size and world_size % shard_size):
+        raise UserError(f"--fsdp_shard_size {shard_size} does not divide the {world_size} processes of this "
+                        f"launch: give a divisor of {world_size} (e.g. the GPUs of one node), or 0 to shard over "
+                        "all of them")
+    if args.amp == "fp16":
+        # fp16 needs a gradient scaler whose inf check is agreed by all ranks (each sees only its
+        # own gradient shards): torch's ShardedGradScaler, whose found_inf (shape [1]) the fused
+        # AdamW step rejects in torch 2.14; bf16 needs no scaler.
+        raise UserError("--amp fp16 with --dist_strategy fsdp is not supported (the sharded gradient scaler does "
+                        "not fit the fused AdamW step): use --amp bf16, or --dist_strategy ddp for fp16")
+    if getattr(args, "dist_eval", False):
+        raise UserError("--dist_eval with --dist_strategy fsdp: the evaluation shards may differ by a batch, and "
+                        "a sharded model needs every process in every forward pass; drop --dist_eval (each "
+                        "process then evaluates the whole val set)")
+
+
 def check_resume_file(args) -> None:
     """--resume names a checkpoint file (or, the official MixMIM convention, its own run's future
     checkpoint in --output_dir: see drop_future_resume)."""
@@ -96,8 +123,20 @@ def check_resume_file(args) -> None:
         return
     if not os.path.exists(args.resume):
         raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
+    check_checkpoint_path(args.resume, "--resume")
+
+
+def check_checkpoint_path(path: str, flag: str) -> None:
+    """A checkpoint file, a complete sharded checkpoint directory (engine/dcp_checkpoint.py), or the
+    weights of transformers, timm or safetensors (engine/weights_io.py)."""
+    from .dcp_checkpoint import problem
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in (".metadata", "meta.pth", "COMPLETE")):
+        why = problem(path)
+        if why:
+            raise UserError(f"{flag} {path} {why}: give another checkpoint")
+        return
     from .weights_io import check_weights_source  # imported late: it loads the model code
-    check_weights_source(args.resume, "--resume")
+    check_weights_source(path, flag)
 
 
 def _own_future_checkpoint(args) -> bool:

@@ -1,21 +1,26 @@
 """How the training model is spread over the processes: the one place that knows.
 
 The trainer, the checkpointer and the recipes' evaluation and picture hooks ask a strategy for
-what depends on it: the model to train (wrapped), a context for the micro-steps of gradient
-accumulation, the full state for a checkpoint, and the plain module. Resume loads a checkpoint
-into the plain module before wrap().
+what depends on it: the model built on its device (build), the model to train (wrap), a context
+for the micro-steps of gradient accumulation, the state for a checkpoint and how to load one, and
+the module to evaluate. Resume loads a checkpoint between build() and wrap().
 
-Today there is one strategy, DataParallel: a whole replica per process, DDP with several.
-A sharded strategy (FSDP2's fully_shard) is another class with the same methods: its state is
-gathered by every rank together (torch.distributed.checkpoint.state_dict with
-full_state_dict=True), which is why every rank calls model_state() and optimizer_state().
+Two strategies, chosen by --dist_strategy: DataParallel (ddp, the default) keeps a whole replica
+per process, DDP with several; FullySharded (fsdp) shards every transformer block and the root
+with FSDP2's fully_shard over the processes (or, with --fsdp_shard_size, inside groups of ranks
+that replicate each other), so a rank holds 1/N of the fp32 weights, gradients and AdamW state.
+Under FSDP the model is sharded when it is built (build()), checkpoints are sharded directories
+(engine/dcp_checkpoint.py) and every rank takes part in everything that touches the weights
+(evaluation, pictures, checkpoints), since a forward pass all-gathers each block.
 """
-from contextlib import nullcontext
-from typing import Optional
+import warnings
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Optional
 
 import torch
 
 from util import dist as dist_util
+from util.errors import UserError
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -32,6 +37,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class DataParallel:
     """Every process holds the whole model and optimizer state; with several processes DDP
     averages the gradients during backward."""
+    name = "ddp"
+    sharded = False  # checkpoints are single files written by rank 0 (engine/checkpoint.py)
 
     def __init__(self, device: Optional[torch.device] = None, compile: bool = False, grad_ckpt: bool = False):
         self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
@@ -39,6 +46,22 @@ class DataParallel:
     @classmethod
     def from_args(cls, args, device: torch.device) -> "DataParallel":
         return cls(device, compile=args.compile, grad_ckpt=args.grad_ckpt)
+
+    def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """The model the recipe makes, as it is (on the CPU: the recipe loads weights into it and
+        moves it to the device, as before FSDP existed). Each rank initialises its own; DDP
+        broadcasts rank 0's weights when it wraps them."""
+        return make()
+
+    @staticmethod
+    def load_model_state(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+        """A full (plain-tensor) state dict into the model before wrap()."""
+        unwrap(model).load_state_dict(state, strict=strict)
+
+    @staticmethod
+    def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """A full optimizer state (optimizer.state_dict()'s format) into the optimizer."""
+        optimizer.load_state_dict(state)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Activation checkpointing, torch.compile, then DDP when there are several processes.
@@ -75,3 +98,184 @@ class DataParallel:
     def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Optional[dict]:
         """The optimizer's full state on rank 0, None on the others; every rank calls it."""
         return optimizer.state_dict() if dist_util.is_main_process() else None
+
+
+class FullySharded:
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each of the model's shard_units() (every
+    transformer block of encoder and decoder, MixMIM's too) and then the root are sharded over a
+    device mesh; a unit's full weights exist only during its own forward and backward.
+
+    shard_size: ranks per sharding group. 0 or the world size: one group (full sharding, a 1-D
+    mesh). Fewer: hybrid sharding, a 2-D mesh (replicate across groups, shard inside each, e.g.
+    one node), whose gradients are reduce-scattered inside a group and all-reduced across groups.
+
+    Precision: the master weights, gradients and AdamW state stay fp32, and --amp bf16 runs the
+    forward under autocast as the DDP path does, not with MixedPrecisionPolicy(param_dtype=bf16):
+    measured against DDP + autocast (mae_vit_mini_patch16, 2 gloo processes, 5 AdamW steps at lr
+    1e-3, 2026-12-02), FSDP + autocast gives bit-identical weights (max abs diff 0.0), while
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), which also runs LayerNorm, the
+    softmax and the loss on bf16 weights, ends 8.3e-3 away, more than bf16 autocast itself moves
+    the weights from fp32 (4.7e-3). The cost is an fp32 all-gather (twice the bytes of a bf16
+    one). mp_policy is there for such measurements; the CLIs leave it None.
+    """
+    name = "fsdp"
+    sharded = True  # checkpoints are directories written by every rank (engine/dcp_checkpoint.py)
+
+    def __init__(self, device: Optional[torch.device] = None, compile: bool = False, grad_ckpt: bool = False,
+                 shard_size: int = 0, mp_policy=None):
+        self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
+        self.shard_size, self.mp_policy = shard_size, mp_policy
+        self._mesh = None
+
+    @classmethod
+    def from_args(cls, args, device: torch.device) -> "FullySharded":
+        """After setup_runtime(). A single process without a launcher gets a process group of
+        one (FSDP2 and torch.distributed.checkpoint need one): the run is then a one-rank shard,
+        and its checkpoints resume on any number of ranks."""
+        if not dist_util.is_dist():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 **({"device_id": device} if device.type == "cuda" else {}))
+        return cls(device, compile=args.compile, grad_ckpt=args.grad_ckpt, shard_size=args.fsdp_shard_size)
+
+    @property
+    def mesh(self):
+        """The device mesh over all ranks: ("shard",), or ("replicate", "shard") when hybrid."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+            world = dist_util.get_world_size()
+            size = self.shard_size or world
+            check_shard_size(size, world)
+            device_type = self.device.type if self.device is not None else "cpu"
+            if size == world:
+                self._mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+            else:
+                self._mesh = init_device_mesh(device_type, (world // size, size),
+                                              mesh_dim_names=("replicate", "shard"))
+        return self._mesh
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """Activation checkpointing, torch.compile per unit, then fully_shard per unit and the
+        root: torchtitan's order, so the compiled graph of a block sees neither FSDP's hooks nor
+        the checkpoint's recomputation boundary wrongly placed, and state-dict names stay the
+        model's (Module.compile compiles in place; torch.compile(model) would add _orig_mod.)."""
+        from torch.distributed.fsdp import fully_shard
+        # The models return views (pred, mask) from forward; the engine applies no in-place op to
+        # them, which is what FSDP2's warning about returned views is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        units = model.shard_units()
+        if self.grad_ckpt:
+            model.set_grad_checkpointing(True)
+        if self.compile:
+            for unit in units:
+                unit.compile()
+        kwargs = {"mesh": self.mesh}
+        if self.mp_policy is not None:
+            kwargs["mp_policy"] = self.mp_policy
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
+
+    def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """make() on the meta device, sharded, each rank's shards materialised on the device with
+        the weights rank 0 would have initialised (what DDP would broadcast): engine/sharded_init.py.
+        No rank ever holds the whole model."""
+        from .sharded_init import build_sharded
+        rank0_rng = [torch.get_rng_state()]
+        if dist_util.is_dist():
+            torch.distributed.broadcast_object_list(rank0_rng, src=0, group=dist_util.cpu_group())
+        return build_sharded(make, self.shard, self.device, rank0_rng[0])
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Nothing left to do: build() sharded the model (and applied grad_ckpt and compile)."""
+        return model
+
+    @staticmethod
+    @contextmanager
+    def no_sync(model: torch.nn.Module):
+        """Micro-steps of an accumulation window: no reduce-scatter (nor, hybrid, all-reduce); each
+        rank accumulates its unsharded gradients, reduced once in the window's last backward. This
+        holds a block's full fp32 gradients per rank between micro-steps: with a 6.5B model, prefer
+        a larger --batch_size with --grad_ckpt over --accum_iter."""
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    @staticmethod
+    def module(model: torch.nn.Module) -> torch.nn.Module:
+        """The sharded module itself: every rank must call its forward together."""
+        return model
+
+    @staticmethod
+    def load_model_state(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+        """A full state dict (every rank has it, e.g. memory-mapped) sliced into this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    @staticmethod
+    def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """optimizer.state_dict()'s format (parameters by position, as a DDP run saves it) into the
+        sharded optimizer: the positions are those of this optimizer's groups, so they name the
+        same parameters (the groups are built from the same module in the same order)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(model, optimizer, state),
+                                 options=StateDictOptions(full_state_dict=True))
+
+    @staticmethod
+    def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """(model, optimizer) state dicts of this rank's shards (DTensors, parameter names as keys),
+        for torch.distributed.checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        return get_state_dict(model, optimizer)
+
+    @staticmethod
+    def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                           optimizer_state: Optional[dict]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state if optimizer_state is not None else {})
+
+
+def check_shard_size(size: int, world: int) -> None:
+    if size < 1 or world % size:
+        raise UserError(f"--fsdp_shard_size {size} does not divide the {world} processes: give a divisor of "
+                        f"{world} (e.g. the GPUs of one node), or 0 to shard over all of them")
+
+
+def parameter_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """The names of the optimizer's parameters in optimizer.state_dict()'s numbering."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state_by_name(model, optimizer, state: dict) -> dict:
+    """optimizer.state_dict() numbering -> parameter names (torch.distributed.checkpoint's layout)."""
+    return optimizer_state_by_name_order(parameter_order(model, optimizer), state)
+
+
+def optimizer_state_by_name_order(order: list, state: dict) -> dict:
+    """optimizer_state_by_name, given the names in the numbering (parameter_order's list)."""
+    if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError(f"{len(order)} parameters in this optimizer, "
+                         f"{sum(len(g['params']) for g in state['param_groups'])} in the checkpoint")
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_state_by_position(state: dict) -> dict:
+    """The inverse: a name-keyed optimizer state (a sharded checkpoint's, gathered) ->
+    optimizer.state_dict()'s numbering, in the order of its groups' parameter lists."""
+    order = [n for g in state["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(order)}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+STRATEGIES = {"ddp": DataParallel, "fsdp": FullySharded}
+
+
+def strategy_from_args(args, device: torch.device):
+    """--dist_strategy's class, configured from the flags."""
+    return STRATEGIES[getattr(args, "dist_strategy", "ddp")].from_args(args, device)

@@ -11,11 +11,18 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from util import dist as dist_util
-from util.checkpoint_io import check_checkpoint_file
 from util.errors import UserError
 
 from . import checkpoint as ckpt_lib
-from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes, drop_future_resume
+from .checks import (
+    check_args,
+    check_checkpoint_path,
+    check_launch,
+    check_output_dirs,
+    check_resume_file,
+    checkpoint_bytes,
+    drop_future_resume,
+)
 from .data import (
     LoaderSettings,
     check_auto_augment,
@@ -28,9 +35,8 @@ from .data import (
     train_loader,
     train_order,
 )
-from .distributed import DataParallel
+from .distributed import strategy_from_args
 from .evaluate import evaluate
-from .logs import log_writer_state, make_log_writer
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import LARS, adamw, param_groups_lrd
@@ -38,7 +44,7 @@ from .precision import resolve_amp
 from .preemption import StopRequest
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
-from .weights_io import check_weights_source
+from .training_setup import start_training
 
 log = logging.getLogger("mae")
 
@@ -152,10 +158,10 @@ def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: boo
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     train_folder = None
     if args.eval:  # evaluation reads val/ and --resume only, and writes nothing
-        check_checkpoint_file(args.resume, "--resume")
+        check_checkpoint_path(args.resume, "--resume")
     else:
         if args.finetune:
-            check_weights_source(args.finetune, "--finetune")
+            check_checkpoint_path(args.finetune, "--finetune")
         check_resume_file(args)
         train_folder = source_from_args(args, "train", classification=True)
         train_order(train_folder, args.data_order)
@@ -180,15 +186,16 @@ def main(args, linprobe: bool = False) -> None:
     if not args.eval:
         drop_future_resume(args)
     device = setup_runtime(args, make_output_dir=not args.eval)
+    strategy = strategy_from_args(args, device)
     loader, val_loader = _data(args, plan, device, linprobe)
-    model = _model(args, device, linprobe)
+    model = _model(args, strategy, linprobe)
     amp_dtype = resolve_amp(args.amp, device)
     if args.eval:
-        _evaluate_only(args, model, val_loader, device, amp_dtype)
+        _evaluate_only(args, strategy, model, val_loader, device, amp_dtype)
     else:
         resolve_lr(args)
         optimizer, compute_loss = _optimizer_and_loss(args, model, device, linprobe)
-        _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype, linprobe)
+        _train(args, strategy, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype, linprobe)
     dist_util.cleanup()
 
 
@@ -214,26 +221,30 @@ def _data(args, plan, device, linprobe: bool):
     return loader, val_loader
 
 
-def _model(args, device, linprobe: bool):
-    """The classifier on the device: --finetune's encoder weights (not with --eval), for linear
-    probing frozen under a BatchNorm head."""
-    model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
+def _model(args, strategy, linprobe: bool):
+    """The classifier on the device (sharded under FSDP): --finetune's encoder weights (not with
+    --eval), for linear probing frozen under a BatchNorm head."""
+    model = strategy.build(lambda: build_model(args.model, "classify", **_classifier_kwargs(args, linprobe)))
     if args.finetune and not args.eval:
         ckpt_lib.load_pretrained_encoder(model, args.finetune, head_init_std=0.01 if linprobe else 2e-5,
-                                         model_name=args.model)
+                                         model_name=args.model, strategy=strategy)
     if linprobe:
         make_linear_probe(model)
-    model.to(device)
+    model.to(strategy.device)  # under FSDP only the linear probe's new BatchNorm head moves
     log.info("Model = %s", model)
     log.info("number of params (M): %.2f", sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     return model
 
 
-def _evaluate_only(args, model, val_loader, device, amp_dtype) -> None:
+def _evaluate_only(args, strategy, model, val_loader, device, amp_dtype) -> None:
     """--eval: the weights of --resume on val/."""
-    ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
+    from . import dcp_checkpoint
+    if dcp_checkpoint.is_sharded(args.resume):
+        ckpt = dcp_checkpoint.load_full(args.resume, "--resume")
+    else:
+        ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
     ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
-                                args.model)
+                                args.model, strategy)
     evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
 
 
@@ -259,24 +270,19 @@ def _optimizer_and_loss(args, model, device, linprobe: bool):
     return optimizer, classification_loss(criterion, mixup_fn, device)
 
 
-def _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype, linprobe: bool) -> None:
+def _train(args, strategy, model, optimizer, compute_loss, loader, val_loader, device, amp_dtype,
+           linprobe: bool) -> None:
     """Resume (a finished run has nothing to do), then the epochs, each followed by an evaluation
     on val/ that keeps checkpoint-best.pth."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     unreadable = []
-    found = ckpt_lib.find_resume_checkpoint(args, unreadable)
-    pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
-    if ckpt_lib.already_finished(pos, args, found):
-        return
+    found = ckpt_lib.find_resume_checkpoint(args, unreadable, strategy.sharded)
     best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
-    log_writer = make_log_writer(args, found)  # continues the W&B run of the resumed checkpoint
+    started = start_training(args, strategy, model, optimizer, scaler, found, unreadable)
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run
-
-    strategy = DataParallel.from_args(args, device)
-    train_model = strategy.wrap(model)
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
-                                         unreadable, strategy)
-    checkpointer.extra_state.update(log_writer_state(log_writer))
+    if started is None:
+        return
+    train_model, checkpointer, log_writer = started.model, started.checkpointer, started.log_writer
 
     def after_epoch(epoch: int):
         stats = evaluate(strategy.module(train_model), val_loader, device, amp_dtype, sharded=args.dist_eval)
@@ -297,7 +303,7 @@ def _train(args, model, optimizer, compute_loss, loader, val_loader, device, amp
                                 optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
                                 checkpointer=checkpointer, log_writer=log_writer,
                                 train_mode=linprobe_train_mode if linprobe else None, stop=StopRequest().install())
-    fit(run, pos, after_epoch)
+    fit(run, started.pos, after_epoch)
 
 
 def linprobe_main(args) -> None:

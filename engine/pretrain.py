@@ -9,6 +9,7 @@ batch composition (as in the official code), not only on the global batch.
 import json
 import logging
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -28,8 +29,7 @@ from .data import (
     train_loader,
     train_order,
 )
-from .distributed import DataParallel
-from .logs import log_writer_state, make_log_writer
+from .distributed import strategy_from_args
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import adamw
@@ -38,6 +38,7 @@ from .preemption import StopRequest
 from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
+from .training_setup import start_training
 
 log = logging.getLogger("mae")
 
@@ -80,8 +81,7 @@ def may_resume(args) -> bool:
     if args.resume:
         return True
     return bool(args.output_dir) and not args.no_auto_resume and os.path.isdir(args.output_dir) and any(
-        os.path.exists(p) for p in [os.path.join(args.output_dir, n) for n in (ckpt_lib.LAST, ckpt_lib.PREV)]
-        + ckpt_lib.numbered_checkpoints(args.output_dir))
+        os.path.exists(p) for p in ckpt_lib.resume_candidates(args.output_dir, sharded=True))
 
 
 def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleNamespace:
@@ -122,16 +122,32 @@ def mae_loss(mask_ratio: float, device: torch.device):
     return compute
 
 
-def reconstruction_hook(args, folder, model, log_writer):
+def reconstruction_hook(args, folder, model, log_writer, every_rank: bool = False):
     """fit()'s after_epoch for --vis_every: on rank 0, pictures of the first 4 training images with
     fixed masks (seed 0) every N epochs and after the last; None when off. `model` is the plain
-    module (not the DDP / compiled wrapper). A picture that cannot be written is a warning only."""
+    module (not the DDP / compiled wrapper). A picture that cannot be written is a warning only.
+    every_rank: the model is sharded, so every rank runs the reconstruction's forward pass with
+    rank 0 (which alone draws the picture)."""
     every = args.vis_every
     if not every:
         return None
-    from .visualize import fixed_batch, fixed_noise, log_reconstructions
+    from .visualize import fixed_batch, fixed_noise, log_reconstructions, reconstruct
     inputs = None
-    if dist_util.is_main_process() and (args.output_dir or log_writer is not None):
+    # Every rank decides alike whether there are pictures (the same flags, the same images).
+    wanted = bool(args.output_dir or args.log_dir) if every_rank else bool(args.output_dir or log_writer is not None)
+    if every_rank and not dist_util.is_main_process():
+        try:
+            imgs = fixed_batch(folder, args.input_size, 4, skip_unreadable=True)
+        except UserError:
+            return None  # rank 0 warns
+        inputs = (imgs, fixed_noise(len(imgs), model.mask_noise_len, seed=0))
+
+        def forward_only(epoch: int):
+            if wanted and (epoch % every == 0 or epoch + 1 == args.epochs):
+                reconstruct(model, inputs[0], args.mask_ratio, inputs[1])
+            return {}, False, None
+        return forward_only
+    if dist_util.is_main_process() and wanted:
         try:
             imgs = fixed_batch(folder, args.input_size, 4, skip_unreadable=True)
             inputs = (imgs, fixed_noise(len(imgs), model.mask_noise_len, seed=0))
@@ -157,9 +173,10 @@ def main(args) -> None:
     log.info("%s", json.dumps(ckpt_lib.plain_args(args), indent=1))
 
     # The checkpoint to resume is read first: its recorded decoder fills unset --decoder_* flags.
+    strategy = strategy_from_args(args, device)
     unreadable = []
-    found = ckpt_lib.find_resume_checkpoint(args, unreadable)
-    model = build_pretrain_model(args, found)
+    found = ckpt_lib.find_resume_checkpoint(args, unreadable, strategy.sharded)
+    model = strategy.build(partial(build_pretrain_model, args, found))
     if args.mask_ratio is None:
         args.mask_ratio = model.default_mask_ratio
 
@@ -171,7 +188,7 @@ def main(args) -> None:
                           noise_len=model.mask_noise_len, torch_rng_only=True)
     log.info("Dataset: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)
 
-    model.to(device)
+    model.to(device)  # already there under FSDP (built sharded on the device)
     log.info("Model = %s", model)
     resolve_lr(args)
 
@@ -181,23 +198,18 @@ def main(args) -> None:
     optimizer = adamw(param_groups, args.lr, device, betas=(0.9, 0.95))
     amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    log.info("Optimizer: AdamW (fused), autocast: %s", amp_dtype or "off (fp32)")
+    log.info("Optimizer: AdamW (fused), autocast: %s, strategy: %s", amp_dtype or "off (fp32)", strategy.name)
 
-    pos = ckpt_lib.resume(found, model, optimizer, scaler, args)
-    if ckpt_lib.already_finished(pos, args, found):
+    started = start_training(args, strategy, model, optimizer, scaler, found, unreadable)
+    del found  # its tensors (optimizer state too) must not stay in memory for the whole run
+    if started is None:
         dist_util.cleanup()
         return
-    log_writer = make_log_writer(args, found)  # continues the W&B run of the resumed checkpoint
-    del found  # its tensors (optimizer state too) must not stay in memory for the whole run
-
-    strategy = DataParallel.from_args(args, device)
-    train_model = strategy.wrap(model)
-    checkpointer = ckpt_lib.Checkpointer(args.output_dir, train_model, optimizer, scaler, args, args.keep_last,
-                                         unreadable, strategy)
-    checkpointer.extra_state.update(log_writer_state(log_writer))
     compute_loss = mae_loss(args.mask_ratio, device)
-    run = TrainingRun.from_args(args, model=train_model, strategy=strategy, compute_loss=compute_loss,
+    run = TrainingRun.from_args(args, model=started.model, strategy=strategy, compute_loss=compute_loss,
                                 optimizer=optimizer, scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
-                                checkpointer=checkpointer, log_writer=log_writer, stop=StopRequest().install())
-    fit(run, pos, after_epoch=reconstruction_hook(args, folder, strategy.module(train_model), log_writer))
+                                checkpointer=started.checkpointer, log_writer=started.log_writer,
+                                stop=StopRequest().install())
+    fit(run, started.pos, after_epoch=reconstruction_hook(args, folder, strategy.module(started.model),
+                                                          started.log_writer, every_rank=strategy.sharded))
     dist_util.cleanup()

@@ -37,7 +37,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
-    strategy: DataParallel = field(default_factory=DataParallel)
+    strategy: object = field(default_factory=DataParallel)  # engine/distributed.py: DataParallel, FullySharded
     amp_dtype: Optional[torch.dtype] = None
     accum_iter: int = 1                # iterations per optimizer step
     clip_grad: Optional[float] = None  # max gradient norm; None: no clipping
@@ -70,12 +70,16 @@ class TrainingRun:
 
 
 def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
+    """The total gradient norm (clipped to clip_grad). Sharded (DTensor) gradients give the norm
+    over all shards, as a replicated DTensor: returned as a plain tensor, the same on every rank."""
     with_grad = [p for p in parameters if p.grad is not None]
     if clip_grad is not None:
-        return torch.nn.utils.clip_grad_norm_(with_grad, clip_grad)
-    if not with_grad:
+        norm = torch.nn.utils.clip_grad_norm_(with_grad, clip_grad)
+    elif not with_grad:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class NonFiniteWatch:
@@ -183,6 +187,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
             # The samples done, exact also when a resumed run changed the global batch mid-epoch.
             run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
         if stopping:
+            wait_for_saves(run)  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}")
 
     watch.check()
@@ -192,6 +197,14 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         stats["skipped_steps"] = watch.skipped
     log.info("Averaged stats: %s", "  ".join(f"{k}: {v:.6g}" for k, v in sorted(stats.items())))
     return stats
+
+
+def wait_for_saves(run: TrainingRun) -> None:
+    """A checkpointer that writes in the background (engine/dcp_checkpoint.py --async_save) has
+    close(), which waits for the write; the others save before save() returns."""
+    close = getattr(run.checkpointer, "close", None)
+    if close is not None:
+        close()
 
 
 def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
@@ -221,7 +234,9 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
                 run.log_writer.flush()
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
+            wait_for_saves(run)
             run.stop.stop(f"after epoch {epoch}")
+    wait_for_saves(run)  # the last (async) save is written before training ends
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

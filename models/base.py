@@ -15,7 +15,7 @@ The bases are plain mixins (no nn.Module of their own, no state, no __init__), l
 nn.Module or the family's module base, so that the state-dict layout, the initialisation order
 and torch.compile see exactly the family's module.
 """
-from typing import Dict, FrozenSet, NamedTuple, Optional, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -107,6 +107,12 @@ class MaskedImageModel:
         """The inverse of patchify; grid (h, w) for grids the model cannot guess."""
         raise NotImplementedError
 
+    def shard_units(self) -> List[nn.Module]:
+        """The modules a sharded strategy wraps one by one (FSDP2's fully_shard per unit, then the
+        root: engine/distributed.py): every transformer block of the encoder and of the decoder, in
+        the order forward runs them. Disjoint; every parameter outside them belongs to the root."""
+        raise NotImplementedError
+
     def mix(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Only for mixes_images: the images the encoder saw, in pixel space (for pictures)."""
         raise NotImplementedError(f"{type(self).__name__} does not mix images")
@@ -132,6 +138,10 @@ class PretrainedClassifier:
     @property
     def uses_global_pool(self) -> bool:
         """True when the head averages the patch tokens, False when it takes the class token."""
+        raise NotImplementedError
+
+    def shard_units(self) -> List[nn.Module]:
+        """As MaskedImageModel.shard_units: every transformer block of the encoder."""
         raise NotImplementedError
 
     @property

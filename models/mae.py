@@ -88,6 +88,10 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
+    def shard_units(self) -> list:
+        """Every encoder block, then every decoder block."""
+        return [*self.blocks, *self.decoder_blocks]
+
     # ------------------------------------------------------------------ patches
     @property
     def patch_size(self) -> int:
@@ -403,3 +407,25 @@ def from_timm_state_dict(state: dict) -> dict:
     """A timm ViT checkpoint (its own layout, the `*.mae` weights included, or a timm training
     checkpoint's prefixed 'module.' keys) -> the official layout: the same keys."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+# Billion-parameter encoders with the paper's default decoder (512-d, 8 blocks, 16 heads, MLP ratio 4):
+# ViT-g/14 (Zhai et al., 2022: MLP 6144, not 4x) and the ViT-2B/14 and ViT-6.5B/14 of MAE
+# pre-pretraining (facebookresearch/maws MODEL_CONFIGS). Train them with --dist_strategy fsdp.
+_SCALE = dict(patch_size=14, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4)
+
+
+@register_model(task="pretrain")
+def mae_vit_giant_patch14(**kwargs):
+    """ViT-g/14: 1408-d, 40 blocks, 16 heads, MLP 6144 (about 1.0B encoder parameters)."""
+    return _mae(kwargs, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, **_SCALE)
+
+
+@register_model(task="pretrain")
+def mae_vit_2b_patch14(**kwargs):
+    """ViT-2B/14: 2560-d, 24 blocks, 32 heads (about 1.9B encoder parameters)."""
+    return _mae(kwargs, embed_dim=2560, depth=24, num_heads=32, **_SCALE)
+
+
+@register_model(task="pretrain")
+def mae_vit_6p5b_patch14(**kwargs):
+    """ViT-6.5B/14: 4096-d, 32 blocks, 32 heads (about 6.4B encoder parameters)."""
+    return _mae(kwargs, embed_dim=4096, depth=32, num_heads=32, **_SCALE)

@@ -262,6 +262,10 @@ class _MixMIMEncoder(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
+    def encoder_blocks(self) -> List[nn.Module]:
+        """Every block of every stage (the patch merging between stages stays with the root)."""
+        return [blk for layer in self.layers for blk in layer.blocks]
+
     def _check_size(self, imgs: torch.Tensor):
         if tuple(imgs.shape[-2:]) != self.img_size:
             raise ValueError(f"this model was built for {self.img_size[0]}x{self.img_size[1]} images, got "
@@ -361,6 +365,9 @@ class MixMIM(MaskedImageModel, _MixMIMEncoder):
     default_mask_ratio = 0.5  # the official MixMIM default
     mixes_images = True
     takes_range_mask_ratio = True
+
+    def shard_units(self) -> List[nn.Module]:
+        return [*self.encoder_blocks(), *self.decoder_blocks]
 
     @property
     def decoder_arch(self) -> dict:
@@ -518,6 +525,9 @@ class MixMIMClassifier(PretrainedClassifier, _MixMIMEncoder):
     @property
     def uses_global_pool(self) -> bool:
         return True
+
+    def shard_units(self) -> List[nn.Module]:
+        return self.encoder_blocks()
 
     @property
     def input_stride(self) -> int:

@@ -27,6 +27,15 @@ interleaved, medians. The consumer moves each batch to --device and normalises i
     python scripts/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --peer --json out.json
     python scripts/benchmark.py --model mae_vit_large_patch16 --batch_size 64 --amp bf16 --compile --peer
     python scripts/benchmark.py --mode loader --data_path data/sample --num_workers 1
+    python scripts/benchmark.py --mode plan --model mae_vit_6p5b_patch14 --world_size 8 --dist_strategy fsdp \
+        --amp bf16 --grad_ckpt --batch_size 32
+
+--mode plan: per-rank memory of a pretraining run, for any --model / --batch_size / --world_size /
+--dist_strategy (ddp, fsdp; --fsdp_shard_size for hybrid sharding) / --amp (none, bf16) / --grad_ckpt,
+without the GPUs: parameter, gradient and AdamW-state bytes measured on the tensors a rank holds
+(the model sharded on the meta device over a fake process group of --world_size ranks), activation
+bytes of one step estimated from the tensors autograd saves (scripts/memory_plan.py says how),
+and the largest per-GPU batch that fits each of --gpu_gb.
 
 Reported: images/s and s/step (median over --repeats), analytic model FLOPs per step
 (scripts/flops.py), achieved FLOP/s, a matmul peak measured in the same process on the same
@@ -76,6 +85,7 @@ from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.meters import max_memory_mb  # noqa: E402
 
+import memory_plan  # noqa: E402
 from flops import (  # noqa: E402
     CpuShare,
     counted_forward_flops,
@@ -94,7 +104,7 @@ PIPELINES = ("official", "pil", "uint8", "device_decode")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         "benchmark", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--mode", choices=["step", "loader"], default="step")
+    parser.add_argument("--mode", choices=["step", "loader", "plan"], default="step")
     parser.add_argument("--model", default="mae_vit_base_patch16", help="registered MAE model name")
     parser.add_argument("--batch_size", default=8, type=int, help="images per step / per loader batch")
     parser.add_argument("--input_size", default=224, type=int, help="image size")
@@ -131,6 +141,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle_shards", default=4, type=int,
                         help="loader mode on tar shards: the shard-local order's window")
     parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--world_size", nargs="+", default=[8], type=int,
+                        help="plan mode: ranks (GPUs) of the run; several give a row each")
+    parser.add_argument("--dist_strategy", nargs="+", choices=["ddp", "fsdp"], default=["ddp"],
+                        help="plan mode: strategy; several give a row each")
+    parser.add_argument("--fsdp_shard_size", default=0, type=int,
+                        help="plan mode, fsdp: ranks per sharding group (0: all; fewer: hybrid sharding)")
+    parser.add_argument("--grad_ckpt", action="store_true", help="plan mode: activation checkpointing per block")
+    parser.add_argument("--gpu_gb", nargs="+", default=[40.0, 80.0], type=float,
+                        help="plan mode: GPU memory sizes (GB) to fit the largest per-GPU batch to")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results to this file")
     return parser.parse_args(argv)
 
@@ -144,6 +163,15 @@ def check_args(args) -> torch.device:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    if args.mode == "plan":
+        for world in args.world_size:
+            if world < 1:
+                raise UserError(f"--world_size must be at least 1, got {world}")
+            if args.fsdp_shard_size < 0 or world % (args.fsdp_shard_size or world):
+                raise UserError(f"--fsdp_shard_size {args.fsdp_shard_size} does not divide --world_size "
+                                f"{world}: give a divisor, or 0 to shard over all ranks")
+        if args.amp == "fp16":
+            raise UserError("--mode plan takes --amp none or bf16")
     if args.mode == "loader" and not args.data_path:
         raise UserError("--mode loader needs --data_path (a folder with train/<class>/*.jpg, e.g. data/sample)")
     try:
@@ -475,6 +503,72 @@ def run_loader(args, device) -> Dict:
             "cpu_contention": contention}
 
 
+# --------------------------------------------------------------------------- memory planning
+def run_plan(args) -> Dict:
+    """Rank 0's memory of one training step (scripts/memory_plan.py), a row per strategy and world
+    size: the state measured, the activations estimated once (they depend on neither)."""
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    with torch.device("meta"):
+        build_model(args.model, "pretrain", **kwargs)  # the registry's one-line errors for a bad name or size
+    try:
+        act = memory_plan.activation_bytes(args.model, kwargs, args.input_size, args.mask_ratio, amp, args.grad_ckpt)
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from None
+    per_image, per_step = act["activation_bytes_per_image"], act["activation_bytes_per_step"]
+    gb, rows = memory_plan.GB, []
+    for strategy in args.dist_strategy:
+        for world in args.world_size:
+            shard_size = args.fsdp_shard_size if strategy == "fsdp" else 0
+            state = memory_plan.state_bytes(args.model, kwargs, world, strategy, shard_size)
+            cache = memory_plan.autocast_cache_bytes(state["num_params"], amp, args.grad_ckpt)
+            held = state["param_bytes"] + state["grad_bytes"] + state["optimizer_bytes"]
+            fixed = held + state["ddp_bucket_bytes"] + state["fsdp_transient_bytes"] + cache
+            rows.append({
+                "dist_strategy": strategy, "world_size": world, "fsdp_shard_size": shard_size,
+                # measured: rank 0's tensors
+                "param_gb": state["param_bytes"] / gb, "grad_gb": state["grad_bytes"] / gb,
+                "optimizer_gb": state["optimizer_bytes"] / gb, "state_gb": held / gb,
+                # estimated
+                "ddp_bucket_gb": state["ddp_bucket_bytes"] / gb, "fsdp_transient_gb": state["fsdp_transient_bytes"] / gb,
+                "autocast_cache_gb": cache / gb, "fixed_gb": fixed / gb,
+                "total_gb": (fixed + per_step + args.batch_size * per_image) / gb,
+                "max_batch": {f"{g:g}": memory_plan.max_batch(fixed, per_step, per_image, g) for g in args.gpu_gb},
+            })
+    return {
+        "mode": "plan", "rows": rows, "model": args.model, "num_params": state["num_params"],
+        "amp": args.amp or "none", "grad_ckpt": args.grad_ckpt, "batch_size": args.batch_size,
+        "input_size": args.input_size, "mask_ratio": act["mask_ratio"],
+        "activation_gb_per_image": per_image / gb, "activation_gb_per_step": per_step / gb,
+        "measured": "param_gb, grad_gb, optimizer_gb, state_gb: rank 0's local tensors (fully_shard on the meta "
+                    "device over a fake process group for fsdp, the whole model for ddp; AdamW's state after "
+                    "one step on them)",
+        "estimated": "activations: bytes saved for backward on CPU (one encoder and one decoder block at batch "
+                     "1 and 2, scaled to the depth); DDP buckets, FSDP unsharded buffers, autocast cache: "
+                     "scripts/memory_plan.py",
+        "usable_fraction": memory_plan.USABLE, "gpu_gb": args.gpu_gb,
+    }
+
+
+PLAN_COLUMNS = [("strategy", "dist_strategy", "{}"), ("ranks", "world_size", "{}"),
+                ("params GB", "param_gb", "{:.2f}"), ("grads GB", "grad_gb", "{:.2f}"),
+                ("AdamW GB", "optimizer_gb", "{:.2f}"), ("state GB", "state_gb", "{:.2f}"),
+                ("buffers+cache GB", "extra_gb", "{:.2f}"), ("total GB", "total_gb", "{:.1f}")]
+
+
+def print_plan(r: Dict) -> None:
+    print(f"# {r['model']} ({r['num_params'] / 1e9:.2f}B parameters), amp {r['amp']}, grad_ckpt {r['grad_ckpt']}, "
+          f"input {r['input_size']}, mask ratio {r['mask_ratio']}; rank 0 per GPU, batch {r['batch_size']}")
+    rows = [{**row, "extra_gb": row["fixed_gb"] - row["state_gb"],
+             **{f"fit {g}": b for g, b in row["max_batch"].items()}} for row in r["rows"]]
+    fits = [(f"max batch {g} GB", f"fit {g}", "{}") for g in r["rows"][0]["max_batch"]]
+    print(format_table(rows, PLAN_COLUMNS + fits))
+    print(f"# measured: params, grads, AdamW (rank 0's sharded tensors). estimated: activations "
+          f"{r['activation_gb_per_image']:.3f} GB per image + {r['activation_gb_per_step']:.2f} GB per step "
+          f"(saved tensors on CPU), DDP buckets / FSDP unsharded buffers / autocast cache; max batch within "
+          f"{r['usable_fraction']:.0%} of the GPU")
+
+
 # --------------------------------------------------------------------------- output
 STEP_COLUMNS = [  # (header, key, format)
     ("impl", "impl", "{}"), ("model", "model", "{}"), ("batch", "batch_size", "{}"), ("amp", "amp", "{}"),
@@ -513,6 +607,17 @@ def describe_contention(c: Dict, threads: int) -> str:
 
 def main(args) -> None:
     device = check_args(args)
+    if args.mode == "plan":
+        r = run_plan(args)
+        r.update({"torch_version": torch.__version__, "command": shlex.join(["python"] + sys.argv),
+                  "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+        print_plan(r)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(r, f, indent=1)
+                f.write("\n")
+        return
     r = run_step(args, device) if args.mode == "step" else run_loader(args, device)
     r.update({"device": device.type, "device_name": device_name(device),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),

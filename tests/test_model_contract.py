@@ -1,5 +1,7 @@
 """Every registered model family against the contract of models/base.py: what engine/ and scripts/
 ask of a pretraining model (MaskedImageModel) and of a classifier (PretrainedClassifier)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +128,40 @@ def test_decoder_arch_rebuilds_the_same_decoder(name):
             assert {k: v.shape for k, v in again.state_dict().items()} == \
                 {k: v.shape for k, v in model.state_dict().items()}
             assert has_decoder(model.state_dict()) and checkpoint_kind(model.state_dict()) == "pretrain"
+
+
+def _check_shard_units(model):
+    """Units: submodules, disjoint, not nested, together exactly the transformer blocks
+    (`blocks.<i>` of the encoder, the decoder and every MixMIM stage); the rest is the root's."""
+    units = model.shard_units()
+    assert units and all(isinstance(u, torch.nn.Module) for u in units)
+    names = {id(m): n for n, m in model.named_modules()}
+    assert all(id(u) in names for u in units)
+    owner = {}
+    for i, unit in enumerate(units):
+        assert any(True for _ in unit.parameters())
+        for p in unit.parameters():
+            assert id(p) not in owner, f"{names[id(unit)]} shares a parameter with unit {owner[id(p)]}"
+            owner[id(p)] = i
+    in_units = {n for n, p in model.named_parameters() if id(p) in owner}
+    blocks = {n for n, _ in model.named_parameters() if re.search(r"(^|[._])blocks\.\d+\.", n)}
+    assert in_units == blocks
+    assert len(in_units) < len(list(model.parameters()))  # embeddings, norms, heads: the root's
+
+
+@pytest.mark.parametrize("name", PRETRAIN)
+def test_shard_units_are_the_blocks(name):
+    size, kwargs = PRETRAIN[name]
+    with torch.device("meta"):
+        model = create_model(name, "pretrain", img_size=size, **kwargs)
+    _check_shard_units(model)
+    assert len(model.shard_units()) == sum(1 for n, _ in model.named_modules() if re.fullmatch(r"(.*[._])?blocks\.\d+", n))
+
+
+@pytest.mark.parametrize("pre_name, name, kwargs, size", CLASSIFY, ids=IDS)
+def test_classifier_shard_units_are_the_blocks(pre_name, name, kwargs, size):
+    with torch.device("meta"):
+        _check_shard_units(create_model(name, "classify", img_size=size, num_classes=3, **kwargs))
 
 
 @pytest.mark.parametrize("name", PRETRAIN)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.dcp_checkpoint import load_full
+
 from conftest import MINI, REPO, assert_ok, cli_env, make_image_folder, pretrain
 
 CLUSTER = ["bash", str(REPO / "scripts" / "slurm" / "local_cluster.sh")]
@@ -285,3 +287,26 @@ def test_mixmim_job_preempted_resumes_bit_identical(cluster, images, tmp_path):
     assert re.search(r"stopped (at|after) epoch 0", log_of(folder, "err"))
     assert re.search(r"Resumed from .*checkpoint-last.pth", log_of(folder))
     assert_same_weights(reference / "checkpoint-last.pth", folder / "checkpoint-last.pth")
+
+
+def test_fsdp_job_preempted_resumes_bit_identical(cluster, images, tmp_path):
+    """--dist_strategy fsdp through submitit: SIGUSR1 mid-epoch, the tasks write their shards of
+    checkpoint-last/, submitit requeues, and the job ends bit-identical to torchrun with FSDP."""
+    job = [*JOB, "--epochs", 2, "--data_path", images, "--dist_strategy", "fsdp"]
+    reference = tmp_path / "torchrun"
+    assert_ok(pretrain([*job, "--output_dir", reference], nproc=2))
+    job_id, folder = submit("submitit_pretrain.py", job, tmp_path)
+    wait_for(lambda: re.search(rf"Epoch: \[0\]  \[ 3/{ITERS}\]", log_of(folder)), 180, "epoch 0", folder)
+    signal_job(job_id, "USR1")
+    wait_for(lambda: "requeued 1 time(s)" in log_of(folder), 180, "the requeue", folder)
+    wait_for(lambda: finished(folder), 240, "job completion", folder)
+    m = re.search(r"stopped at epoch 0, iteration (\d+)", log_of(folder, "err"))
+    assert m and 0 < int(m.group(1)) < ITERS, log_of(folder, "err")[-2000:]
+    assert re.search(rf"Resumed from .*checkpoint-last: continuing at epoch 0, sample {4 * int(m.group(1))} ",
+                     log_of(folder))
+    a, b = load_full(str(reference / "checkpoint-last")), load_full(str(folder / "checkpoint-last"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i in a["optimizer"]["state"]:
+        for name, value in a["optimizer"]["state"][i].items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
