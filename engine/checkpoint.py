@@ -92,6 +92,7 @@ class Checkpointer:
         self.args, self.keep_last = args, keep_last
         self.strategy = strategy if strategy is not None else DataParallel()
         self._no_rotate = False  # checkpoint-last.pth is known to be broken and could not be moved
+        self.last_name = LAST  # for messages
         self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/wandb_log.py)
         if output_dir and dist_util.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
@@ -383,5 +384,5 @@ def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: 
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
                         f"({problems}): check that --model matches the pretrained encoder{what}")
     (strategy or DataParallel()).load_model_state(model, state, strict=False)
-    model.init_head(head_init_std)
+    (strategy or DataParallel()).init_head(model, head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)

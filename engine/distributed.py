@@ -54,6 +54,10 @@ class DataParallel:
         return make()
 
     @staticmethod
+    def init_head(model: torch.nn.Module, std: float) -> None:
+        model.init_head(std)
+
+    @staticmethod
     def load_model_state(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
         """A full (plain-tensor) state dict into the model before wrap()."""
         unwrap(model).load_state_dict(state, strict=strict)
@@ -187,8 +191,32 @@ class FullySharded:
         return build_sharded(make, self.shard, self.device, rank0_rng[0])
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Nothing left to do: build() sharded the model (and applied grad_ckpt and compile)."""
+        """build() sharded the model (and applied grad_ckpt and compile). What is left is DDP's
+        broadcast_buffers: buffers FSDP does not shard (the linear probe's BatchNorm statistics)
+        would drift apart per rank, so in training every forward starts from rank 0's, as under DDP."""
+        if dist_util.get_world_size() > 1 and any(True for _ in model.buffers()):
+            model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module) if module.training else None)
         return model
+
+    @staticmethod
+    def init_head(model: torch.nn.Module, std: float) -> None:
+        """The classifier's head drawn as DDP has it: the full weight from rank 0's random stream
+        (DDP broadcasts rank 0's weights), each rank's own stream advanced by the same draw (its
+        later draws, e.g. drop path, stay those of a DDP rank); each rank keeps its shard."""
+        from torch.distributed.tensor import distribute_tensor
+        weight = model.head.weight
+        full = torch.empty(weight.shape, dtype=weight.dtype)
+        rank0 = [torch.get_rng_state()]
+        if dist_util.is_dist():
+            torch.distributed.broadcast_object_list(rank0, src=0, group=dist_util.cpu_group())
+        own = torch.get_rng_state()
+        torch.set_rng_state(rank0[0])
+        model.init_head_weight(full, std)
+        torch.set_rng_state(own)
+        model.init_head_weight(torch.empty_like(full), std)
+        shard = distribute_tensor(full.to(weight.device), weight.device_mesh, weight.placements)
+        with torch.no_grad():
+            weight.to_local().copy_(shard.to_local())
 
     @staticmethod
     @contextmanager
@@ -228,6 +256,7 @@ class FullySharded:
         """(model, optimizer) state dicts of this rank's shards (DTensors, parameter names as keys),
         for torch.distributed.checkpoint."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
+        broadcast_buffers(model)  # saved once for all ranks: rank 0's, as a DDP checkpoint has them
         return get_state_dict(model, optimizer)
 
     @staticmethod
@@ -236,6 +265,13 @@ class FullySharded:
         from torch.distributed.checkpoint.state_dict import set_state_dict
         set_state_dict(model, optimizer, model_state_dict=model_state,
                        optim_state_dict=optimizer_state if optimizer_state is not None else {})
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's values of the buffers FSDP leaves unsharded (BatchNorm statistics), on every rank."""
+    if dist_util.get_world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def check_shard_size(size: int, world: int) -> None:

@@ -192,16 +192,16 @@ class StopRequest:
             self.signum = int(flag.item())
         return bool(flag.item())
 
-    def stop(self, where: str) -> None:
-        """After checkpoint-last is written: run the previous handler (submitit: requeue on
-        rank 0, then exit), else end the run with a one-line message."""
+    def stop(self, where: str, saved: str = "checkpoint-last.pth") -> None:
+        """After checkpoint-last (`saved`: its name) is written: run the previous handler (submitit:
+        requeue on rank 0, then exit), else end the run with a one-line message."""
         name = signal.Signals(self.signum).name
-        log.warning("warning: %s received: stopped %s after writing checkpoint-last.pth", name, where)
+        log.warning("warning: %s received: stopped %s after writing %s", name, where, saved)
         previous = self._previous.get(self.signum)
         if not callable(previous) and self.signum in USER_SIGNALS:
             # Either user signal means "requeue" to a launcher that listens for the other one.
             previous = next((h for sig, h in self._previous.items() if sig in USER_SIGNALS and callable(h)), None)
         if callable(previous):
             previous(self.signum, None)
-        raise Preempted(f"stopped by {name} {where}; checkpoint-last.pth is written: "
+        raise Preempted(f"stopped by {name} {where}; {saved} is written: "
                         "run the same command again to resume")

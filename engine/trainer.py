@@ -188,7 +188,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
             run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
         if stopping:
             wait_for_saves(run)  # an async save is complete before the process hands over
-            run.stop.stop(f"at epoch {epoch}, iteration {done}")
+            run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
 
     watch.check()
     stats = meters.read_total()
@@ -235,7 +235,7 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
             wait_for_saves(run)
-            run.stop.stop(f"after epoch {epoch}")
+            run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
     wait_for_saves(run)  # the last (async) save is written before training ends
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))

@@ -172,4 +172,10 @@ class PretrainedClassifier:
 
     def init_head(self, std: float) -> None:
         """Re-initialise the head for training from pretrained weights (trunc_normal weights)."""
-        nn.init.trunc_normal_(self.head.weight, std=std)
+        self.init_head_weight(self.head.weight, std)
+
+    @staticmethod
+    def init_head_weight(weight: torch.Tensor, std: float) -> None:
+        """init_head's draw, on any tensor of the head weight's shape (a sharded trainer draws the
+        full weight, as an unsharded model does, and keeps its own part)."""
+        nn.init.trunc_normal_(weight, std=std)

@@ -152,7 +152,8 @@ def test_names_and_rule():
         assert models.create_model("mae_vit_tiny_patch16_224").decoder_arch["decoder_embed_dim"] == 512
     with pytest.raises(ValueError) as e:
         models.create_model("mae_vit_nope", "pretrain")
-    assert str(e.value).startswith("unknown model 'mae_vit_nope'; choose one of: mae_vit_base_patch16, ")
+    assert str(e.value).startswith("unknown model 'mae_vit_nope'; choose one of: mae_vit_2b_patch14, "
+                                   "mae_vit_6p5b_patch14, mae_vit_base_patch16, ")
     assert str(e.value).endswith(", or mae_<timm ViT name> (e.g. mae_vit_small_patch16_224)")
     with pytest.raises(ValueError, match=r", or <timm ViT name> \(e.g. vit_small_patch16_224\)$"):
         models.create_model("vit_nope", "classify")
@@ -227,7 +228,8 @@ def pretrain_args(**flags) -> argparse.Namespace:
                                 "--decoder_num_heads 5"),
     (dict(decoder_embed_dim=30, decoder_num_heads=4), "--decoder_embed_dim 30 is not divisible by "
                                                       "--decoder_num_heads 4: every head"),
-    (dict(model=TIMM_VIT), f"--model {TIMM_VIT} is not a pretraining model; choose one of: mae_vit_base_patch16, "),
+    (dict(model=TIMM_VIT), f"--model {TIMM_VIT} is not a pretraining model; choose one of: mae_vit_2b_patch14, "
+                           "mae_vit_6p5b_patch14, mae_vit_base_patch16, "),
 ])
 def test_bad_decoder_flags(flags, expected):
     with pytest.raises(UserError) as e:

@@ -317,9 +317,9 @@ def test_linprobe_trains_only_the_head(two_classes, pretrained, tmp_path):
     (["--mixup", "0.8", "--batch_size", "5"], "need an even --batch_size, got 5"),
     (["--eval"], "--eval needs --resume CHECKPOINT"),
     (["--data_pipeline", "uint8"], "--data_pipeline uint8 cannot fine-tune: RandAugment and random erasing"),
-    (["--model", "vit_nope"], "unknown model 'vit_nope'; choose one of: vit_base_patch16"),
+    (["--model", "vit_nope"], "unknown model 'vit_nope'; choose one of: vit_2b_patch14, vit_6p5b_patch14, vit_base_patch16"),
     (["--model", "mae_vit_mini_patch16"], "--model mae_vit_mini_patch16 is not a classifier; choose one of: "
-                                          "mixmim_base, mixmim_huge, mixmim_large, mixmim_mini, vit_base_patch16"),
+                                          "mixmim_base, mixmim_huge, mixmim_large, mixmim_mini, vit_2b_patch14"),
 ])
 def test_finetune_bad_input(two_classes, tmp_path, flags, expected):
     proc = finetune([*FT, "--data_path", two_classes, "--output_dir", tmp_path, "--batch_size", 4, *flags])

@@ -191,6 +191,27 @@ def test_fsdp_continues_a_ddp_checkpoint_file(photos, runs, tmp_path):
     assert max_diff(runs["ddp"] / "checkpoint-last.pth", tmp_path / "checkpoint-last") <= 1e-6
 
 
+@pytest.mark.parametrize("script, extra", [
+    ("main_finetune.py", ["--drop_path", "0.1", "--mixup", "0.8", "--cutmix", "1.0"]),
+    ("main_linprobe.py", []),
+])
+def test_classifier_training_under_fsdp_equals_ddp(runs, two_classes, tmp_path, script, extra):
+    """Fine-tuning and linear probing from the same pretraining checkpoint on 2 processes: FSDP ends
+    with DDP's weights and optimizer state. The new head is drawn from rank 0's stream and each
+    rank's stream goes on as under DDP (drop path, mixup draw from it afterwards); the linear
+    probe's BatchNorm statistics start every training forward from rank 0's (DDP's broadcast
+    buffers)."""
+    flags = ["--model", "vit_mini_patch16", "--input_size", "64", "--nb_classes", "2", "--num_workers", "0",
+             "--log_dir", "", "--warmup_epochs", "1", "--print_freq", "100", "--batch_size", 4, "--epochs", 1,
+             "--data_path", two_classes, "--finetune", runs["ddp"] / "checkpoint-last.pth", *extra]
+    for name, strategy in (("ddp", []), ("fsdp", FSDP)):
+        assert_ok(run_main(script, [*flags, *strategy, "--output_dir", tmp_path / name], nproc=2))
+    ddp, fsdp = tmp_path / "ddp" / "checkpoint-last.pth", tmp_path / "fsdp" / "checkpoint-last"
+    assert max_diff(ddp, fsdp) <= 1e-6
+    head = "head.1.weight" if script == "main_linprobe.py" else "head.weight"
+    assert state(ddp)["model"][head].abs().max() > 0  # trained, not a zero head that any init would match
+
+
 @pytest.mark.parametrize("flags, world, error", [
     (["--dist_strategy", "fsdp", "--fsdp_shard_size", 3], 4,
      "--fsdp_shard_size 3 does not divide the 4 processes of this launch: give a divisor of 4"),

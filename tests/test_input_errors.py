@@ -47,9 +47,10 @@ def test_batch_larger_than_per_rank_dataset(photos, tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--model", "mae_vit_nope"], "unknown model 'mae_vit_nope'; choose one of: mae_vit_base_patch16"),
+    (["--model", "mae_vit_nope"], "unknown model 'mae_vit_nope'; choose one of: mae_vit_2b_patch14, "
+                                  "mae_vit_6p5b_patch14, mae_vit_base_patch16"),
     (["--model", "vit_mini_patch16"], "--model vit_mini_patch16 is not a pretraining model; choose one of: "
-                                      "mae_vit_base_patch16"),
+                                      "mae_vit_2b_patch14"),
     (["--input_size", "72"], "--input_size 72 is not divisible by the patch size 16"),
     (["--accum_iter", "2", "--save_every_steps", "3"], "--save_every_steps 3 must be a multiple of --accum_iter 2"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be between 0 and 1"),

@@ -189,7 +189,7 @@ def test_two_nodes_signalled_at_start_up_then_mid_epoch_bit_identical(cluster, i
     wait_for(lambda: finished(folder), 240, "job completion", folder)
     log, err = log_of(folder), log_of(folder, "err")
     assert "SIGUSR2 received before training started: stopping at the first step boundary" in err
-    stops = re.findall(r"stopped at epoch (\d), iteration (\d+) after writing checkpoint-last.pth", err)
+    stops = re.findall(r"stopped at epoch (\d), iteration (\d+) after writing checkpoint-last(?:\.pth|/)", err)
     assert stops[0] == ("0", "1") and stops[1][0] == "1" and 0 < int(stops[1][1]) < ITERS, stops
     resumed = re.findall(r"continuing at epoch (\d), sample (\d+) of the epoch", log)
     assert resumed == [(e, str(4 * int(i))) for e, i in stops]  # each run picked up where the last stopped

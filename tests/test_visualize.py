@@ -358,7 +358,8 @@ def error_runs(bad_inputs, trained):
         "unreadable_image": (script_cmd("visualize", visualize_args(b["full"], out, [photo, tmp / "garbage.jpg"])),
                              [f"cannot read image {tmp / 'garbage.jpg'}"]),
         "bad_model": (script_cmd("visualize", visualize_args(b["bare"], out, [photo], "--model", "mae_vit_nope")),
-                      ["unknown model 'mae_vit_nope'; choose one of: mae_vit_base_patch16"]),
+                      ["unknown model 'mae_vit_nope'; choose one of: mae_vit_2b_patch14, mae_vit_6p5b_patch14, "
+                       "mae_vit_base_patch16"]),
         "plot_missing_log": (script_cmd("plot_log", [tmp / "empty", "--output", tmp / "p.png"]),
                              [f"run folder {tmp / 'empty'} has no log.txt"]),
         "plot_empty_log": (script_cmd("plot_log", [trained, tmp / "empty_run", "--output", tmp / "p.png"]),
