@@ -194,13 +194,14 @@ def _fix(cause: OSError, output_dir: str) -> str:
     return f"check {output_dir} (or give another --output_dir)"
 
 
-def load_any(path: str, flag: Optional[str] = None) -> dict:
-    """A checkpoint file, or of a sharded checkpoint directory only its plain entries (with
-    '_sharded': the strategy loads its shards; engine/dcp_checkpoint.py)."""
+def load_any(path: str, flag: Optional[str] = None, foreign: bool = True) -> dict:
+    """A checkpoint file (foreign: also the weights of transformers, timm, safetensors, through
+    weights_io), or of a sharded checkpoint directory only its plain entries (with '_sharded': the
+    strategy loads its shards; engine/dcp_checkpoint.py)."""
     from . import dcp_checkpoint
     if dcp_checkpoint.is_sharded(path):
         return dcp_checkpoint.load_meta(path, flag)
-    ckpt = load_checkpoint_file(path, flag)
+    ckpt = read_weights(path, flag) if foreign else load_checkpoint_file(path, flag)
     ckpt["_path"] = path
     return ckpt
 
@@ -230,7 +231,7 @@ def find_resume_checkpoint(args, unreadable: Optional[List[str]] = None, sharded
         if not os.path.lexists(path):
             continue
         try:
-            ckpt = load_any(path)
+            ckpt = load_any(path, foreign=False)  # the run's own checkpoints
         except CheckpointError as e:
             log.warning("warning: %s; trying the previous checkpoint", e)
             if unreadable is not None:
@@ -365,11 +366,7 @@ def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: 
     (trunc_normal, std head_init_std). Only its allowed_missing_keys may be missing; anything
     else missing or unexpected is an error.
     """
-    from . import dcp_checkpoint
-    if dcp_checkpoint.is_sharded(path):  # a sharded pretraining checkpoint, gathered here
-        ckpt = dcp_checkpoint.load_full(path, "--finetune")
-    else:
-        ckpt = read_weights(path, "--finetune")  # also transformers / timm folders, safetensors (weights_io)
+    ckpt = read_weights(path, "--finetune")  # also sharded directories, transformers / timm, safetensors
     if "_format" in ckpt:  # transformers / timm / safetensors weights: name both architectures
         check_architecture(model.state_dict(), ckpt, path, "--finetune", model_name)
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt

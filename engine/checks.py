@@ -129,8 +129,8 @@ def check_resume_file(args) -> None:
 def check_checkpoint_path(path: str, flag: str) -> None:
     """A checkpoint file, a complete sharded checkpoint directory (engine/dcp_checkpoint.py), or the
     weights of transformers, timm or safetensors (engine/weights_io.py)."""
-    from .dcp_checkpoint import problem
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in (".metadata", "meta.pth", "COMPLETE")):
+    from .dcp_checkpoint import is_sharded, problem
+    if is_sharded(path):
         why = problem(path)
         if why:
             raise UserError(f"{flag} {path} {why}: give another checkpoint")

@@ -48,8 +48,15 @@ PARTIAL, TRASH = ".partial", ".trash"
 
 
 def is_sharded(path: str) -> bool:
-    """A directory: a sharded checkpoint (or what is left of one)."""
-    return os.path.isdir(path)
+    """A sharded checkpoint directory (or what is left of one: any of its files). Other folders
+    (transformers and timm weights: engine/weights_io.py) are not."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return True  # unreadable: load_meta names the problem
+    return any(n in (COMPLETE, META, ".metadata") or n.endswith(".distcp") for n in names)
 
 
 def numbered_dirs(output_dir: str) -> List[str]:

@@ -238,11 +238,8 @@ def _model(args, strategy, linprobe: bool):
 
 def _evaluate_only(args, strategy, model, val_loader, device, amp_dtype) -> None:
     """--eval: the weights of --resume on val/."""
-    from . import dcp_checkpoint
-    if dcp_checkpoint.is_sharded(args.resume):
-        ckpt = dcp_checkpoint.load_full(args.resume, "--resume")
-    else:
-        ckpt = ckpt_lib.load_checkpoint_file(args.resume, "--resume")
+    from .weights_io import read_weights
+    ckpt = read_weights(args.resume, "--resume")  # also a sharded directory, transformers / timm weights
     ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
                                 args.model, strategy)
     evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)

@@ -132,7 +132,7 @@ def train_step(run: TrainingRun, batch, it: int,
     """
     last = (it + 1) % run.accum_iter == 0
     with nullcontext() if last else run.strategy.no_sync(run.model):  # gradients are averaged once per window
-        with autocast(run.device, run.amp_dtype):
+        with autocast(run.device, run.amp_dtype, cache=not run.strategy.sharded):
             loss = run.compute_loss(run.model, batch)
         run.scaler.scale(loss / run.accum_iter).backward()
     watch.update(loss, it)

@@ -79,8 +79,9 @@ def _folder_format(path: str, flag: Optional[str]):
                f"'architecture', and {SAFETENSORS_NAME}): give such a folder or a checkpoint file")
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"{what} is a folder, not a checkpoint file: give a .pth file inside it, or a "
-                              f"transformers or timm folder (it has no {CONFIG_NAME}: with model_type "
+        raise CheckpointError(f"{what} is a folder, not a checkpoint file: give a .pth file inside it, a "
+                              "sharded checkpoint-* directory of a --dist_strategy fsdp run, or a transformers "
+                              f"or timm folder (it has no {CONFIG_NAME}: with model_type "
                               f"{' or '.join(HF_MODEL_TYPES)}, or 'architecture', and {SAFETENSORS_NAME})")
     try:
         with open(config_path, encoding="utf-8") as f:
@@ -187,7 +188,11 @@ def read_weights(path: str, flag: Optional[str] = None) -> dict:
     """Any supported weight source as a checkpoint dict of ours: 'model' holds the state dict in the
     official layout; a torch checkpoint keeps its other entries (optimizer, epoch, args: our own
     checkpoints resume fully), the other sources have 'args' (what they tell of the architecture)
-    and '_format' (e.g. 'transformers ViTMAEForPreTraining', for messages)."""
+    and '_format' (e.g. 'transformers ViTMAEForPreTraining', for messages). A sharded checkpoint
+    directory (--dist_strategy fsdp) is gathered into the single-file format."""
+    from . import dcp_checkpoint
+    if dcp_checkpoint.is_sharded(path):
+        return dcp_checkpoint.load_full(path, flag)
     if os.path.isdir(path):
         return _read_folder(path, flag)
     if os.path.isfile(path) and is_safetensors(path):

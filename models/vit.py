@@ -100,6 +100,22 @@ def vit_huge_patch14(**kwargs):
     return _vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 
 
+@register_model
+def vit_giant_patch14(**kwargs):
+    """The encoder of mae_vit_giant_patch14 (ViT-g/14, MLP 6144)."""
+    return _vit(kwargs, patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408)
+
+
+@register_model
+def vit_2b_patch14(**kwargs):
+    return _vit(kwargs, patch_size=14, embed_dim=2560, depth=24, num_heads=32)
+
+
+@register_model
+def vit_6p5b_patch14(**kwargs):
+    return _vit(kwargs, patch_size=14, embed_dim=4096, depth=32, num_heads=32)
+
+
 PROBE_BN_EPS = 1e-6  # the linear probe's BatchNorm (engine/finetune.py make_linear_probe, as officially)
 
 
@@ -115,19 +131,3 @@ def fold_probe_head(state: dict, eps: float = PROBE_BN_EPS) -> dict:
     out["head.weight"] = (w * inv).to(state["head.1.weight"].dtype)
     out["head.bias"] = (b - w @ (state["head.0.running_mean"].double() * inv)).to(state["head.1.bias"].dtype)
     return out
-
-
-@register_model
-def vit_giant_patch14(**kwargs):
-    """The encoder of mae_vit_giant_patch14 (ViT-g/14, MLP 6144)."""
-    return _vit(kwargs, patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408)
-
-
-@register_model
-def vit_2b_patch14(**kwargs):
-    return _vit(kwargs, patch_size=14, embed_dim=2560, depth=24, num_heads=32)
-
-
-@register_model
-def vit_6p5b_patch14(**kwargs):
-    return _vit(kwargs, patch_size=14, embed_dim=4096, depth=32, num_heads=32)

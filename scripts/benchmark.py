@@ -521,7 +521,7 @@ def run_plan(args) -> Dict:
         for world in args.world_size:
             shard_size = args.fsdp_shard_size if strategy == "fsdp" else 0
             state = memory_plan.state_bytes(args.model, kwargs, world, strategy, shard_size)
-            cache = memory_plan.autocast_cache_bytes(state["num_params"], amp, args.grad_ckpt)
+            cache = memory_plan.autocast_cache_bytes(state["num_params"], amp, args.grad_ckpt, strategy)
             held = state["param_bytes"] + state["grad_bytes"] + state["optimizer_bytes"]
             fixed = held + state["ddp_bucket_bytes"] + state["fsdp_transient_bytes"] + cache
             rows.append({
@@ -605,6 +605,15 @@ def describe_contention(c: Dict, threads: int) -> str:
             + ("  WARNING: the CPU was shared; the numbers are low" if busy else ""))
 
 
+def write_json(path: str, r: Dict) -> None:
+    """--json: the results (nothing when path is empty)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=1)
+            f.write("\n")
+
+
 def main(args) -> None:
     device = check_args(args)
     if args.mode == "plan":
@@ -612,11 +621,7 @@ def main(args) -> None:
         r.update({"torch_version": torch.__version__, "command": shlex.join(["python"] + sys.argv),
                   "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
         print_plan(r)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(r, f, indent=1)
-                f.write("\n")
+        write_json(args.json, r)
         return
     r = run_step(args, device) if args.mode == "step" else run_loader(args, device)
     r.update({"device": device.type, "device_name": device_name(device),
@@ -645,10 +650,7 @@ def main(args) -> None:
     if line:
         print(line)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(r, f, indent=1)
-            f.write("\n")
+        write_json(args.json, r)
         print(f"# results written to {args.json}")
 
 

@@ -26,9 +26,10 @@ Two parts, each said to be measured or estimated in the result:
 
 FSDP adds transient unsharded buffers: the all-gathered fp32 weights of the running unit and of the
 prefetched next one, and the unit's full gradients before their reduce-scatter (estimated: 2 + 1
-times the largest unit's fp32 bytes). Under bf16 autocast (the CLIs' FSDP precision) autocast
-caches the bf16 copy of every gathered weight until the forward pass ends: 2 bytes per parameter
-of the whole model on every rank (estimated; counted in the fixed part with bf16).
+times the largest unit's fp32 bytes). Under bf16 autocast, DDP with grad_ckpt keeps autocast's
+cache: the bf16 copy of every weight until the forward pass ends, 2 bytes per parameter (counted in
+the fixed part). FSDP runs autocast without that cache (engine/precision.py), which would otherwise
+keep every gathered weight of the whole model in bf16 on every rank.
 """
 import math
 from contextlib import contextmanager
@@ -210,11 +211,11 @@ def activation_bytes(model_name: str, model_kwargs: dict, input_size: int, mask_
             "mask_ratio": mask_ratio, "measured_blocks": per_image}
 
 
-def autocast_cache_bytes(num_params: int, amp: Optional[torch.dtype], grad_ckpt: bool) -> int:
+def autocast_cache_bytes(num_params: int, amp: Optional[torch.dtype], grad_ckpt: bool, strategy: str = "ddp") -> int:
     """bf16 copies of the weights that autocast keeps until the forward pass ends (it caches the
-    casts of leaf parameters; FSDP's gathered weights are such leaves). Without grad_ckpt they are
-    among the saved tensors already (activation_bytes_per_step); with it they are extra."""
-    if amp is None or not grad_ckpt:
+    casts of leaf parameters). Without grad_ckpt they are among the saved tensors already
+    (activation_bytes_per_step); with it they are extra. FSDP's step runs without the cache."""
+    if amp is None or not grad_ckpt or strategy == "fsdp":
         return 0
     return num_params * torch.tensor([], dtype=amp).element_size()
 

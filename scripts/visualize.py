@@ -35,7 +35,6 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from engine import dcp_checkpoint  # noqa: E402
 from engine.checkpoint import load_model_weights, recorded_args  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
 from engine.pretrain_model import decoder_kwargs  # noqa: E402
@@ -169,10 +168,8 @@ def main(args) -> None:
     paths = find_images(args.images)
     check_images(paths)
 
-    if dcp_checkpoint.is_sharded(args.checkpoint):  # a sharded checkpoint (--dist_strategy fsdp), gathered here
-        ckpt = dcp_checkpoint.load_full(args.checkpoint, "--checkpoint")
-    else:
-        ckpt = read_weights(args.checkpoint, "--checkpoint")  # also transformers / timm folders, safetensors
+    # also a sharded directory (--dist_strategy fsdp, gathered here), transformers / timm folders, safetensors
+    ckpt = read_weights(args.checkpoint, "--checkpoint")
     model, name, train_size = model_from_checkpoint(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:

@@ -180,6 +180,15 @@ def test_convert_round_trip_and_finetune_from_sharded(runs, two_classes, tmp_pat
     assert f"Loaded pre-trained encoder from {sharded}" in proc.stdout
     assert re.search(r"Accuracy of the network on the \d+ test images", proc.stdout)
 
+    # scripts/export.py takes the sharded directory as it takes a file
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "--checkpoint", sharded, "--to",
+                           "official", "--output", tmp_path / "export"], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    full = torch.load(tmp_path / "export" / "mae_visualize_vit_mini_patch16.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(full["model"], strict=True)
+    assert all(torch.equal(full["model"][k], v) for k, v in ckpt["model"].items())
+
 
 def test_fsdp_continues_a_ddp_checkpoint_file(photos, runs, tmp_path):
     """--resume of a DDP run's checkpoint-0.pth under FSDP (weights and AdamW state by position
