@@ -59,6 +59,7 @@ class ListLoader:
 
 class SaveLog:
     """A checkpointer that records what it was asked to save."""
+    last_name = "checkpoint-last.pth"
 
     def __init__(self):
         self.saves = []
@@ -204,8 +205,8 @@ class AgreedStop:
     def agreed(self):
         return True
 
-    def stop(self, where):
-        self.stopped = where
+    def stop(self, where, saved):
+        self.stopped, self.saved = where, saved
         raise TrainingStopped(where)
 
 
@@ -225,6 +226,7 @@ def test_mid_epoch_resume_positions_and_the_agreed_stop():
     with pytest.raises(TrainingStopped):
         train_one_epoch(run, 2, start_sample=2)
     assert run.checkpointer.saves == [(2, 2, 5, 4)] and run.stop.stopped == "at epoch 2, iteration 2"
+    assert run.stop.saved == "checkpoint-last.pth"  # the stop message names what the checkpointer wrote
 
 
 def test_run_takes_the_flags_once():
