@@ -22,6 +22,7 @@ when the write is done, and the next save, a stop on a signal and the end of tra
 import logging
 import os
 import shutil
+import threading
 from typing import List, Optional
 
 import torch.distributed as dist
@@ -209,6 +210,7 @@ class ShardedCheckpointer:
         self.last_name = LAST + "/"  # for messages
         self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/wandb_log.py)
         self._pending = None      # the Future of an async save
+        self._finished = threading.Event()  # set once rank 0 has rotated the pending save into place
         self._finish_error = None  # an error of rank 0's finishing step of an async save
         # Background writes run their collectives on a group of their own: the training loop's
         # collectives on the default group must not interleave with them.
@@ -263,8 +265,11 @@ class ShardedCheckpointer:
         try:
             if self.async_save:
                 self._pending = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+                self._finished = threading.Event()
                 if main:
                     self._pending.add_done_callback(lambda fut: self._finish_async(fut, tmp, names))
+                else:
+                    self._finished.set()
                 return
             dcp.save(state, checkpoint_id=tmp)
         except Exception as e:  # noqa: BLE001 - DCP reports a failed write as its own exception type
@@ -278,11 +283,16 @@ class ShardedCheckpointer:
             dist.barrier()  # save() returns when checkpoint-last/ is complete, on every rank
 
     def _finish_async(self, fut, tmp: str, names) -> None:
+        """Rank 0, in the thread that completes the write: the rotation, as soon as it can run (a
+        kill after it keeps this checkpoint). close() waits for it: a future's result() returns
+        before its callbacks have run."""
         try:
             fut.result()
             self._finish(tmp, *names)
         except BaseException as e:  # noqa: BLE001 - raised by close() in the training thread
             self._finish_error = e
+        finally:
+            self._finished.set()
 
     def close(self) -> None:
         """Wait for an async save (and rank 0's finishing of it); a no-op otherwise."""
@@ -296,8 +306,9 @@ class ShardedCheckpointer:
             if cause is None:
                 raise
             self._raise_write(cause)
+        self._finished.wait()  # rank 0: its rotation of the checkpoint is done
         if dist_util.is_dist():
-            dist.barrier(group=self._group)  # rank 0's callback has run once every rank passes
+            dist.barrier(group=self._group)  # so every rank returns after rank 0's rotation
         error, self._finish_error = self._finish_error, None
         if error is not None:
             self._raise_write(os_error_in(error) or error)

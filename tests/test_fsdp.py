@@ -78,6 +78,28 @@ def test_fsdp_equals_ddp_and_writes_sharded_directories(runs):
     assert max_diff(runs["ddp"] / "checkpoint-last.pth", last) <= 1e-6
 
 
+def test_grad_ckpt_and_async_save_under_fsdp_change_nothing(photos, runs, tmp_path):
+    """--grad_ckpt (blocks recomputed in backward) and --async_save (checkpoints written in the
+    background, every 2 iterations here) give the plain FSDP run's weights and optimizer state."""
+    proc = pretrain([*BASE, *FSDP, "--grad_ckpt", "--async_save", "--batch_size", 1, "--data_path", photos,
+                     "--output_dir", tmp_path], nproc=2)
+    assert_ok(proc)
+    assert (tmp_path / "checkpoint-1" / "COMPLETE").exists() and not list(tmp_path.glob(".*"))
+    assert max_diff(runs["fsdp"] / "checkpoint-last", tmp_path / "checkpoint-last") == 0.0
+
+
+def test_compile_under_fsdp(photos, tmp_path):
+    """--compile (per block, before sharding) with --grad_ckpt on one FSDP rank: the eager run's
+    weights up to the fused kernels' rounding."""
+    common = [*MINI, *FSDP, "--epochs", 1, "--batch_size", 7, "--lr", "1e-3", "--data_path", photos]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert_ok(pretrain([*common, "--output_dir", eager]))
+    assert_ok(pretrain([*common, "--compile", "--grad_ckpt", "--output_dir", compiled], timeout=600))
+    # AdamW's first steps move every weight by about the lr (5e-4 here): a run that did not train
+    # would be that far away; fused kernels round differently, by far less.
+    assert max_diff(eager / "checkpoint-last", compiled / "checkpoint-last", optimizer=False) <= 2e-4
+
+
 def test_fsdp_equals_ddp_hybrid_2x2_with_accumulation(photos, tmp_path):
     """4 processes, hybrid sharding (2 groups of 2), --accum_iter 2: micro-steps without reduction."""
     common = [*BASE, "--epochs", 1, "--batch_size", 1, "--accum_iter", 2, "--data_path", photos]
