@@ -194,7 +194,7 @@ class FullySharded:
         """build() sharded the model (and applied grad_ckpt and compile). What is left is DDP's
         broadcast_buffers: buffers FSDP does not shard (the linear probe's BatchNorm statistics)
         would drift apart per rank, so in training every forward starts from rank 0's, as under DDP."""
-        if dist_util.get_world_size() > 1 and any(True for _ in model.buffers()):
+        if dist_util.get_world_size() > 1 and learned_buffers(model):
             model.register_forward_pre_hook(lambda module, args: broadcast_buffers(module) if module.training else None)
         return model
 
@@ -267,10 +267,17 @@ class FullySharded:
                        optim_state_dict=optimizer_state if optimizer_state is not None else {})
 
 
+def learned_buffers(model: torch.nn.Module) -> list:
+    """The buffers training changes (BatchNorm statistics: floating point). Index tables such as
+    MixMIM's relative_position_index are integer constants, the same on every rank by construction,
+    and stay off the per-step broadcast."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Rank 0's values of the buffers FSDP leaves unsharded (BatchNorm statistics), on every rank."""
+    """Rank 0's values of the buffers FSDP leaves unsharded and training changes, on every rank."""
     if dist_util.get_world_size() > 1:
-        for buffer in model.buffers():
+        for buffer in learned_buffers(model):
             torch.distributed.broadcast(buffer, src=0)
 
 
