@@ -26,7 +26,7 @@ from util.checkpoint_io import (
 from util.errors import UserError
 from util.rng import get_rng_state, set_rng_state
 
-from .distributed import DataParallel
+from .distributed import DDPStrategy
 from .weights_io import check_architecture, read_weights
 
 log = logging.getLogger("mae")
@@ -78,7 +78,7 @@ class Checkpointer:
     """Writes checkpoints on rank 0; every rank must call save() (the RNG states are gathered).
     A sharded strategy's checkpoints are directories: engine/dcp_checkpoint.py ShardedCheckpointer.
 
-    model: the training model; `strategy` (engine/distributed.py, default: DataParallel) gives its
+    model: the training model; `strategy` (engine/distributed.py, default: DDPStrategy) gives its
     full state dict, with the plain module's keys.
 
     unreadable: checkpoint files of output_dir that failed to load (find_resume_checkpoint's
@@ -90,10 +90,10 @@ class Checkpointer:
                  strategy=None):
         self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
         self.args, self.keep_last = args, keep_last
-        self.strategy = strategy if strategy is not None else DataParallel()
+        self.strategy = strategy if strategy is not None else DDPStrategy()
         self._no_rotate = False  # checkpoint-last.pth is known to be broken and could not be moved
         self.last_name = LAST  # for messages
-        self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/wandb_log.py)
+        self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/reporting/wandb_log.py)
         if output_dir and dist_util.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
             remove_stale_temp_files(output_dir)
@@ -260,7 +260,7 @@ def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[
     loads the weights (a sharded model takes its slices of them)."""
     problems = mismatch_report(model.state_dict(), state_dict)
     if not problems:
-        (strategy or DataParallel()).load_model_state(model, state_dict)
+        (strategy or DDPStrategy()).load_model_state(model, state_dict)
         return
     have, want = checkpoint_kind(state_dict), checkpoint_kind(model.state_dict())
     saved = (recorded or {}).get("model")
@@ -296,11 +296,11 @@ def load_model_weights(model, state_dict: dict, source: str, recorded: Optional[
 
 def resume(ckpt: Optional[dict], model, optimizer, scaler, args, strategy=None) -> Position:
     """Restore model (and, when present, optimizer, scaler, RNG and data position). `strategy`
-    (default DataParallel) loads the state: a sharded strategy reads a sharded checkpoint's
+    (default DDPStrategy) loads the state: a sharded strategy reads a sharded checkpoint's
     slices; another strategy gets a sharded checkpoint gathered in this process."""
     if ckpt is None:
         return Position(epoch=args.start_epoch)
-    strategy = strategy or DataParallel()
+    strategy = strategy or DDPStrategy()
     path = ckpt["_path"]
     if ckpt.get("_sharded") and strategy.sharded:
         from .dcp_checkpoint import load_into
@@ -380,6 +380,6 @@ def load_pretrained_encoder(model, path: str, head_init_std: float, model_name: 
         what = f" (it records --model {saved})" if saved else ""
         raise UserError(f"--finetune checkpoint {path} does not fit {type(model).__name__} "
                         f"({problems}): check that --model matches the pretrained encoder{what}")
-    (strategy or DataParallel()).load_model_state(model, state, strict=False)
-    (strategy or DataParallel()).init_head(model, head_init_std)
+    (strategy or DDPStrategy()).load_model_state(model, state, strict=False)
+    (strategy or DDPStrategy()).init_head(model, head_init_std)
     log.info("Loaded pre-trained encoder from %s", path)

@@ -82,7 +82,7 @@ def check_wandb_args(args) -> None:
             raise UserError(f"{', '.join(given)} without --wandb_project: W&B logging is off; add --wandb_project "
                             "NAME or drop the flag")
         return
-    from .wandb_log import wandb_available
+    from .reporting.wandb_log import wandb_available
     if not wandb_available():
         raise UserError(f"--wandb_project {args.wandb_project}: the wandb package is not installed: pip install "
                         "wandb (or drop --wandb_project)")

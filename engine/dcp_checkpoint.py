@@ -208,7 +208,7 @@ class ShardedCheckpointer:
         self.args, self.keep_last, self.strategy = args, keep_last, strategy
         self.async_save = async_save
         self.last_name = LAST + "/"  # for messages
-        self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/wandb_log.py)
+        self.extra_state = {}  # plain data every checkpoint carries (the W&B run id: engine/reporting/wandb_log.py)
         self._pending = None      # the Future of an async save
         self._finished = threading.Event()  # set once rank 0 has rotated the pending save into place
         self._finish_error = None  # an error of rank 0's finishing step of an async save

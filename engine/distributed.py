@@ -5,8 +5,8 @@ what depends on it: the model built on its device (build), the model to train (w
 for the micro-steps of gradient accumulation, the state for a checkpoint and how to load one, and
 the module to evaluate. Resume loads a checkpoint between build() and wrap().
 
-Two strategies, chosen by --dist_strategy: DataParallel (ddp, the default) keeps a whole replica
-per process, DDP with several; FullySharded (fsdp) shards every transformer block and the root
+Two strategies, chosen by --dist_strategy: DDPStrategy (ddp, the default) keeps a whole replica
+per process, DDP with several; FSDPStrategy (fsdp) shards every transformer block and the root
 with FSDP2's fully_shard over the processes (or, with --fsdp_shard_size, inside groups of ranks
 that replicate each other), so a rank holds 1/N of the fp32 weights, gradients and AdamW state.
 Under FSDP the model is sharded when it is built (build()), checkpoints are sharded directories
@@ -34,7 +34,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-class DataParallel:
+class DDPStrategy:
     """Every process holds the whole model and optimizer state; with several processes DDP
     averages the gradients during backward."""
     name = "ddp"
@@ -44,7 +44,7 @@ class DataParallel:
         self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
 
     @classmethod
-    def from_args(cls, args, device: torch.device) -> "DataParallel":
+    def from_args(cls, args, device: torch.device) -> "DDPStrategy":
         return cls(device, compile=args.compile, grad_ckpt=args.grad_ckpt)
 
     def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -104,7 +104,7 @@ class DataParallel:
         return optimizer.state_dict() if dist_util.is_main_process() else None
 
 
-class FullySharded:
+class FSDPStrategy:
     """FSDP2 (torch.distributed.fsdp.fully_shard): each of the model's shard_units() (every
     transformer block of encoder and decoder, MixMIM's too) and then the root are sharded over a
     device mesh; a unit's full weights exist only during its own forward and backward.
@@ -132,7 +132,7 @@ class FullySharded:
         self._mesh = None
 
     @classmethod
-    def from_args(cls, args, device: torch.device) -> "FullySharded":
+    def from_args(cls, args, device: torch.device) -> "FSDPStrategy":
         """After setup_runtime(). A single process without a launcher gets a process group of
         one (FSDP2 and torch.distributed.checkpoint need one): the run is then a one-rank shard,
         and its checkpoints resume on any number of ranks."""
@@ -316,7 +316,7 @@ def optimizer_state_by_position(state: dict) -> dict:
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
 
 
-STRATEGIES = {"ddp": DataParallel, "fsdp": FullySharded}
+STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
 def strategy_from_args(args, device: torch.device):

@@ -37,11 +37,11 @@ from .data import (
 )
 from .distributed import strategy_from_args
 from .evaluate import evaluate
+from .launch.preemption import StopRequest
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import LARS, adamw, param_groups_lrd
 from .precision import resolve_amp
-from .preemption import StopRequest
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
 from .training_setup import start_training

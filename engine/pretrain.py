@@ -30,11 +30,11 @@ from .data import (
     train_order,
 )
 from .distributed import strategy_from_args
+from .launch.preemption import StopRequest
 from .lr_sched import resolve_lr
 from .model_factory import build_model
 from .optim import adamw
 from .precision import resolve_amp
-from .preemption import StopRequest
 from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit

@@ -28,7 +28,7 @@ any per-op sharding rule.
 
 RNG semantics (those of DDP): under DDP every rank builds the model from its own stream (seed +
 rank) and DDP broadcasts rank 0's weights. Here the values are drawn from `rng_state` (the caller
-broadcasts rank 0's CPU generator state; engine/distributed.py FullySharded.build), and afterwards
+broadcasts rank 0's CPU generator state; engine/distributed.py FSDPStrategy.build), and afterwards
 this process's own stream is advanced by the same draws, as its own unsharded constructor would
 have advanced it, so that everything random after model construction (drop path, ...) sees the
 stream a DDP run sees. On ranks whose state differs from rank 0's this draws every random number

@@ -18,11 +18,11 @@ from util import dist as dist_util
 from util.errors import TrainingStopped
 from util.meters import DeviceMeters, LoopTimer
 
-from .distributed import DataParallel
-from .logs import append_epoch_record, report_progress
+from .distributed import DDPStrategy
+from .launch.preemption import StopRequest
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
-from .preemption import StopRequest
+from .reporting.logs import append_epoch_record, report_progress
 
 log = logging.getLogger("mae")
 
@@ -37,7 +37,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
-    strategy: object = field(default_factory=DataParallel)  # engine/distributed.py: DataParallel, FullySharded
+    strategy: object = field(default_factory=DDPStrategy)  # engine/distributed.py: DDPStrategy, FSDPStrategy
     amp_dtype: Optional[torch.dtype] = None
     accum_iter: int = 1                # iterations per optimizer step
     clip_grad: Optional[float] = None  # max gradient norm; None: no clipping

@@ -8,7 +8,7 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from .dcp_checkpoint import ShardedCheckpointer
-from .logs import log_writer_state, make_log_writer
+from .reporting.logs import log_writer_state, make_log_writer
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Started:
 
 
 def make_checkpointer(args, strategy, model, optimizer, scaler, unreadable=()):
-    """Single files on rank 0 (DataParallel), or sharded directories by every rank (FullySharded)."""
+    """Single files on rank 0 (DDPStrategy), or sharded directories by every rank (FSDPStrategy)."""
     if strategy.sharded:
         return ShardedCheckpointer(args.output_dir, model, optimizer, scaler, args, args.keep_last, unreadable,
                                    strategy, async_save=getattr(args, "async_save", False))

@@ -285,7 +285,7 @@ mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, "mae_vit_h
 # patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm; a classifier adds
 # fc_norm and head), which is why timm loads the official release files directly. transformers names
 # the same tensors otherwise and splits qkv; these maps are the one place that knows its names (timm's
-# checkpoint_filter_fn style), used by the export (engine/export.py) and every import
+# checkpoint_filter_fn style), used by the export (engine/interop/export.py) and every import
 # (engine/weights_io.py). The transformers names are those of its hub files (the 4.x module names, which
 # transformers 5 renames on load), so that one file serves every transformers version.
 HF_BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",

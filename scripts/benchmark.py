@@ -75,7 +75,7 @@ from engine.data import (  # noqa: E402
     to_model_input,
     train_loader,
 )
-from engine.distributed import DataParallel  # noqa: E402
+from engine.distributed import DDPStrategy  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
 from engine.optim import adamw  # noqa: E402
 from engine.precision import configure_backends, resolve_amp  # noqa: E402
@@ -195,7 +195,7 @@ class OurStep:
     builds it (wrapped by the same strategy), without accumulation."""
 
     def __init__(self, model, args, device, amp_dtype, batches: Optional[Callable] = None):
-        strategy = DataParallel(device, compile=args.compile)
+        strategy = DDPStrategy(device, compile=args.compile)
         optimizer = adamw(param_groups_weight_decay(model, WEIGHT_DECAY), LR, device, betas=(0.9, 0.95))
         self.run = TrainingRun(model=strategy.wrap(model), compute_loss=mae_loss(args.mask_ratio, device),
                                optimizer=optimizer, device=device, strategy=strategy, amp_dtype=amp_dtype,

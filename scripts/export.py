@@ -23,8 +23,8 @@ if ROOT not in sys.path:
 import argparse  # noqa: E402
 
 import models  # noqa: E402, F401  (registers the model families)
-from engine.export import WRITERS, load_source  # noqa: E402
-from engine.model_card import write_model_card  # noqa: E402
+from engine.interop.export import WRITERS, load_source  # noqa: E402
+from engine.interop.model_card import write_model_card  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 

@@ -4,7 +4,7 @@ Two parts, each said to be measured or estimated in the result:
 
 * **State** (parameters, gradients, AdamW moments): MEASURED on the real tensors a rank holds. The
   model is built on the meta device and, for FSDP, sharded with fully_shard per shard unit and the
-  root (as engine/distributed.py FullySharded does) over a fake process group of the requested
+  root (as engine/distributed.py FSDPStrategy does) over a fake process group of the requested
   world size, so 64 ranks fit in one process and no memory is used; gradients are zeros_like the
   local parameters and the optimizer state is what torch.optim.AdamW creates in one step on them.
   The figures are rank 0's, which holds the largest shards (dim-0 chunks, and the (1, L, D) tables

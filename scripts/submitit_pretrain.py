@@ -1,5 +1,5 @@
 """Submit main_pretrain.py to SLURM with submitit: every flag of main_pretrain.py plus the launcher's
-(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see engine/slurm.py).
+(--ngpus --nodes --timeout --job_dir --partition ... --dry_run; see engine/launch/slurm.py).
 
     python scripts/submitit_pretrain.py --nodes 8 --ngpus 8 --partition gpu [main_pretrain.py flags]
 """
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.slurm import launch  # noqa: E402
+from engine.launch.slurm import launch  # noqa: E402
 
 import main_pretrain  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The SLURM launchers without a cluster: flag errors, dry runs, the submitted batch script, its
 requeue logic (run by bash with stand-in srun/sbatch/scontrol), and the recording of a stop
-signal from the first moment of a task on (engine.preemption, scripts/slurm/task_entry.py).
+signal from the first moment of a task on (engine.launch.preemption, scripts/slurm/task_entry.py).
 tests/test_slurm.py runs the same through a real SLURM cluster."""
 import argparse
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import preemption
-from engine import slurm as slurm_launch
+from engine.launch import preemption
+from engine.launch import slurm as slurm_launch
 from util.errors import UserError
 
 import main_finetune
@@ -250,7 +250,7 @@ def test_plain_sbatch_script_requeue_logic(fake_slurm, tmp_path, rc, restarts, r
 
 @pytest.fixture
 def clean_signals():
-    """Signal handlers and engine.preemption's early state restored after the test."""
+    """Signal handlers and engine.launch.preemption's early state restored after the test."""
     saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
     yield
     for sig, handler in saved.items():
@@ -298,7 +298,7 @@ def run_python(code: str, *args, timeout=60) -> subprocess.CompletedProcess:
 def test_recorded_signal_without_training_ends_like_the_signal(tmp_path):
     """No StopRequest within wait_s (e.g. peers killed by the signal never join the rendezvous):
     exit 128 + signal, which the batch script requeues on; a StopRequest in time disarms it."""
-    code = ("import os, signal, time\nfrom engine import preemption\npreemption.record_early(wait_s=0.5)\n"
+    code = ("import os, signal, time\nfrom engine.launch import preemption\npreemption.record_early(wait_s=0.5)\n"
             "os.kill(os.getpid(), signal.SIGUSR2)\n{}time.sleep(3)\nprint('alive')")
     proc = run_python(code.format(""))
     assert proc.returncode == 140 and "alive" not in proc.stdout
@@ -311,7 +311,7 @@ def test_recorded_signal_without_training_ends_like_the_signal(tmp_path):
 TASK_ENTRY = str(REPO / "scripts" / "slurm" / "task_entry.py")
 TARGET = ("import os, signal, sys, time\n"
           "os.kill(os.getpid(), signal.SIGUSR1)  # the target's first line: fatal unless recorded already\n"
-          "from engine import preemption\n"
+          "from engine.launch import preemption\n"
           "print(preemption.early_signal() == signal.SIGUSR1, sys.argv[1:], sys.path[0] == os.getcwd())\n"
           "time.sleep(float(os.environ.get('TARGET_SLEEP', '0')))\n")
 
@@ -339,7 +339,7 @@ def test_task_entry_gives_up_after_half_the_signal_delay(tmp_path):
 
 def test_tasks_unpickle_the_trainer_without_importing_torch():
     """submitit unpickles the Trainer before it installs any signal handler; torch takes seconds."""
-    proc = run_python("import sys\nimport engine.slurm, engine.preemption\nprint('torch' in sys.modules)")
+    proc = run_python("import sys\nimport engine.launch.slurm, engine.launch.preemption\nprint('torch' in sys.modules)")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 

@@ -40,7 +40,7 @@ JOB = [*MINI, "--batch_size", 2, "--print_freq", 1, "--input_size", 96]
 
 # sitecustomize.py for the jobs' tasks: on a job's first run, task R (SLURM_PROCID) stops at the
 # point MAE_TEST_PAUSE names for it ("R:point,..." or "*:point"), writes ready-R, and goes on once
-# engine.preemption has recorded a signal (at most 120 s). "start": while Python starts, before
+# engine.launch.preemption has recorded a signal (at most 120 s). "start": while Python starts, before
 # any code of ours runs; "torch": when the task first imports torch (our signal recorder is in place).
 PAUSE_HOOK = r'''
 import os
@@ -52,7 +52,7 @@ def _pause(rank):
     open(os.path.join(os.environ["MAE_TEST_PAUSE_DIR"], f"ready-{rank}"), "w").close()
     deadline = time.time() + 120
     while time.time() < deadline:
-        early = getattr(sys.modules.get("engine.preemption"), "early_signal", None)
+        early = getattr(sys.modules.get("engine.launch.preemption"), "early_signal", None)
         if early is not None and early() is not None:
             return
         time.sleep(0.05)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.checkpoint import LAST, Checkpointer
-from engine.distributed import DataParallel, unwrap
+from engine.distributed import DDPStrategy, unwrap
 from engine.lr_sched import LrSchedule, lr_at
 from engine.trainer import NonFiniteWatch, TrainingRun, train_one_epoch, train_step
 from util.errors import TrainingStopped
@@ -250,10 +250,10 @@ def test_checkpoint_holds_the_plain_module_state_whatever_the_wrapper(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(compiled)
-        assert unwrap(ddp) is model and DataParallel.module(ddp) is model
+        assert unwrap(ddp) is model and DDPStrategy.module(ddp) is model
         for name, wrapped in (("compiled", compiled), ("ddp", ddp)):
             out = tmp_path / name
-            Checkpointer(str(out), wrapped, optimizer, scaler, Namespace(model="seq"), strategy=DataParallel()).save(
+            Checkpointer(str(out), wrapped, optimizer, scaler, Namespace(model="seq"), strategy=DDPStrategy()).save(
                 0, 1, 1, 4)
             saved = torch.load(out / LAST, weights_only=True)["model"]
             assert list(saved) == list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
@@ -264,6 +264,6 @@ def test_checkpoint_holds_the_plain_module_state_whatever_the_wrapper(tmp_path):
 
 def test_single_process_strategy_leaves_the_model_unwrapped():
     model = torch.nn.Linear(2, 2)
-    assert DataParallel(CPU).wrap(model) is model
-    with DataParallel.no_sync(model):  # a plain module has nothing to hold back
+    assert DDPStrategy(CPU).wrap(model) is model
+    with DDPStrategy.no_sync(model):  # a plain module has nothing to hold back
         pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_resume import run_and_kill
 
-from engine.wandb_files import offline_run_files, read_run
+from engine.reporting.wandb_files import offline_run_files, read_run
 
 from conftest import MINI, assert_ok, pretrain
 
@@ -17,7 +17,7 @@ RUN = [*MINI, "--batch_size", 2, "--epochs", 1, "--save_every_steps", 4, "--prin
 
 
 def steps(it: int, epoch: int, iters: int = 7) -> int:
-    """engine/logs.py's axis: 1/1000 epochs at the progress line of iteration `it` (1-based)."""
+    """engine/reporting/logs.py's axis: 1/1000 epochs at the progress line of iteration `it` (1-based)."""
     return int(((it - 1) / iters + epoch) * 1000)
 
 

@@ -5,22 +5,22 @@
 SLURM may send the time-limit / preemption signal (SIGUSR1, SIGUSR2) before the training code has
 installed its handler: right after the job starts, while Python imports torch, or while the job
 sets up. Their default action kills the task and nobody would requeue the job. This entry point
-records them from its first lines on (engine.preemption.record_early), then runs the module or
+records them from its first lines on (engine.launch.preemption.record_early), then runs the module or
 script as `python -m MODULE` / `python SCRIPT.py` would; training acts on a recorded signal at its
 first step boundary. If training does not start within S/2 seconds of the signal (S: the time
 SLURM leaves between signal and kill), the task exits with code 128 + signal, and the batch
 script requeues the job. On rank 0 it also signals the task itself S seconds before the job's
 time limit, in case SLURM's signal came before the tasks existed (then nobody receives it).
-engine/slurm.py runs submitit's task module through it (`python -u task_entry.py -u -m
+engine/launch/slurm.py runs submitit's task module through it (`python -u task_entry.py -u -m
 submitit.core._submit FOLDER`); scripts/pretrain.sbatch runs main_pretrain.py through it.
 """
 import os
 import sys
 
 # Nothing else may run before the recorder is in place. In place of this script's folder:
-# the repository, for engine.preemption (light: no torch).
+# the repository, for engine.launch.preemption (light: no torch).
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.preemption import record_early, watch_time_limit  # noqa: E402
+from engine.launch.preemption import record_early, watch_time_limit  # noqa: E402
 
 record_early()
 

@@ -18,7 +18,7 @@ log = logging.getLogger("mae")
 
 def make_log_writer(args, resumed: Optional[dict] = None):
     """On rank 0: the tensorboard writer when --log_dir is set, the W&B writer when --wandb_project
-    is (engine/wandb_log.py; `resumed`: the checkpoint the run resumes, whose W&B run it continues),
+    is (engine/reporting/wandb_log.py; `resumed`: the checkpoint the run resumes, whose W&B run it continues),
     or both (LogWriters); None when neither."""
     if not dist_util.is_main_process():
         return None
@@ -28,7 +28,7 @@ def make_log_writer(args, resumed: Optional[dict] = None):
         os.makedirs(args.log_dir, exist_ok=True)
         tensorboard = SummaryWriter(log_dir=args.log_dir)
     if getattr(args, "wandb_project", ""):
-        from .checkpoint import plain_args
+        from ..checkpoint import plain_args
         from .wandb_log import CHECKPOINT_KEY, WandbWriter
         wandb = WandbWriter(args, (resumed or {}).get(CHECKPOINT_KEY), plain_args(args))
     if tensorboard is None or wandb is None:

@@ -9,7 +9,7 @@ The architecture comes from the model the checkpoint records (args.model, built 
 else from the registered model whose keys and shapes the weights have. Keys are renamed by
 models/mae.py's maps only; the configs are written here, as plain JSON (neither timm's nor
 transformers' code is needed to export, and transformers is not a dependency). Each writer returns
-the files written; the model card (engine/model_card.py) is written beside them by the CLI.
+the files written; the model card (engine/interop/model_card.py) is written beside them by the CLI.
 """
 import json
 import os
@@ -26,7 +26,7 @@ from models.vit import VisionTransformer, fold_probe_head
 from util.checkpoint_io import atomic_save
 from util.errors import UserError
 
-from .weights_io import matching_model, read_weights
+from ..weights_io import matching_model, read_weights
 
 FORMAT_TAG = "mae-export"  # the safetensors metadata 'format_source' of our files
 EVAL_CROP_PCT = 0.875       # the official evaluation transform: resize to size / 0.875, center crop

@@ -22,7 +22,7 @@ from util.errors import TrainingStopped, UserError
 
 from . import preemption
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASK_ENTRY = REPO / "scripts" / "slurm" / "task_entry.py"
 
 

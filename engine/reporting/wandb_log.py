@@ -1,7 +1,7 @@
 """Weights & Biases logging (optional: --wandb_project), beside tensorboard and with the same data:
 the scalars on the same batch-size-independent step axes, the reconstruction pictures, the config.
 
-Step axes. Tensorboard gets train scalars at epoch_1000x (1/1000 epochs: engine/logs.py) and
+Step axes. Tensorboard gets train scalars at epoch_1000x (1/1000 epochs: engine/reporting/logs.py) and
 per-epoch values (perf/test_*, reconstructions) at the epoch. W&B keeps one internal step per run,
 so both axes are logged as W&B metrics ('epoch_1000x', 'epoch') and every value is plotted against
 its own (wandb.define_metric step_metric); the internal step only counts rows.
@@ -15,7 +15,7 @@ are never trained again. W&B's remedies do not cover this (it drops rows below t
 online only, and resume_from/fork rewinds a run on the server only). So the writer keeps its own
 journal, <output_dir>/wandb-rows-<run id>.jsonl: every row, written before it goes to W&B. A
 resumed run first asks what W&B has (offline: the earlier offline run files of this id, read
-back by engine/wandb_files.py; online: the resumed run's summary, its last epoch_1000x and
+back by engine/reporting/wandb_files.py; online: the resumed run's summary, its last epoch_1000x and
 epoch), re-sends the journal rows W&B lost, and then logs a tag only at steps past the journal's:
 no step is repeated and none is missing. Pictures are not journaled (one per epoch; a lost one
 stays lost).
@@ -89,7 +89,7 @@ def _persisted(folder: str, run, current_dir: str) -> tuple:
 class WandbWriter:
     """The tensorboard SummaryWriter calls engine/ makes (add_scalar, add_image, flush, close), sent
     to a W&B run. The scalars of a progress line go out as one row at its end (end_row, called by
-    engine/logs.py report_progress); a per-epoch value goes out at once. Each value is plotted
+    engine/reporting/logs.py report_progress); a per-epoch value goes out at once. Each value is plotted
     against its axis (define_metric at its first appearance)."""
 
     def __init__(self, args, resumed_id: Optional[str] = None, config: Optional[dict] = None):

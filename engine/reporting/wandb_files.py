@@ -1,5 +1,5 @@
 """What a W&B offline run file (<dir>/wandb/offline-run-<time>-<id>/run-<id>.wandb) holds: the
-history rows that reached the disk (engine/wandb_log.py asks, on resume, which rows a killed run
+history rows that reached the disk (engine/reporting/wandb_log.py asks, on resume, which rows a killed run
 persisted; the tests read runs back).
 
 wandb 0.31 has no Python reader of its own any more (the file is written by its Go service), so

@@ -1,0 +1,1 @@
+"""Foreign formats: export to timm / transformers / official files, and the model card."""

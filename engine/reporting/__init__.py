@@ -1,0 +1,1 @@
+"""Reporting: the progress line and log.txt, tensorboard, W&B."""
