@@ -10,6 +10,7 @@ ViT, models/timm_vit.py), matched by a rule and built on demand. Registered name
 from typing import Callable, Dict, List, Optional, Tuple
 
 TASKS = ("pretrain", "classify")
+PRETRAIN_PREFIX = "mae_"  # mae_vit_base_patch16 pretrains the encoder vit_base_patch16 (official names)
 _MODELS: Dict[str, Dict[str, Callable]] = {task: {} for task in TASKS}
 _RESOLVERS: Dict[str, List[Tuple[Callable[[str], Optional[Callable]], str]]] = {task: [] for task in TASKS}
 
@@ -74,3 +75,19 @@ def create_model(name: str, task: Optional[str] = None, **kwargs):
         family = name.split("_")[0] + "_" if "_" in name else ""
         raise ValueError(f"unknown model '{name}'; choose one of: {choices(task, family)}")
     return factory(**kwargs)
+
+
+def encoder_name(name: str) -> str:
+    """The classifier (encoder) name of a pretraining model name: mae_vit_base_patch16 ->
+    vit_base_patch16; a name without the prefix (MixMIM's, shared by both tasks) is its own."""
+    return name[len(PRETRAIN_PREFIX):] if name.startswith(PRETRAIN_PREFIX) else name
+
+
+def pretrain_name(name: str) -> str:
+    """The pretraining model name of an encoder name: vit_base_patch16 -> mae_vit_base_patch16."""
+    return name if name.startswith(PRETRAIN_PREFIX) else PRETRAIN_PREFIX + name
+
+
+def counterpart(name: str) -> str:
+    """The same architecture's name for the other task's prefix convention (mae_x <-> x)."""
+    return encoder_name(name) if name.startswith(PRETRAIN_PREFIX) else PRETRAIN_PREFIX + name

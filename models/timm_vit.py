@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 
 from .mae import MaskedAutoencoderViT
-from .registry import register_resolver
+from .registry import PRETRAIN_PREFIX, register_resolver
 from .vit import _vit
 
-PREFIX = "mae_"
+PREFIX = PRETRAIN_PREFIX
 DEFAULT_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.)
 
 # Classes that compute the same function as the one MaskedAutoencoderViT uses.
