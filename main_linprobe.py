@@ -22,8 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from engine.finetune import linprobe_main
+    from engine.linprobe import main
     from util.cli import run_cli
 
     parser = argparse.ArgumentParser("MAE linear probing for image classification", parents=[get_args_parser()])
-    sys.exit(run_cli(linprobe_main, parser.parse_args()))
+    sys.exit(run_cli(main, parser.parse_args()))

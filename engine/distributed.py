@@ -44,8 +44,9 @@ class DDPStrategy:
         self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
 
     @classmethod
-    def from_args(cls, args, device: torch.device) -> "DDPStrategy":
-        return cls(device, compile=args.compile, grad_ckpt=args.grad_ckpt)
+    def from_config(cls, dist, device: torch.device) -> "DDPStrategy":
+        """dist: the run's DistConfig (engine/config.py)."""
+        return cls(device, compile=dist.compile, grad_ckpt=dist.grad_ckpt)
 
     def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """The model the recipe makes, as it is (on the CPU: the recipe loads weights into it and
@@ -132,7 +133,7 @@ class FSDPStrategy:
         self._mesh = None
 
     @classmethod
-    def from_args(cls, args, device: torch.device) -> "FSDPStrategy":
+    def from_config(cls, dist, device: torch.device) -> "FSDPStrategy":
         """After setup_runtime(). A single process without a launcher gets a process group of
         one (FSDP2 and torch.distributed.checkpoint need one): the run is then a one-rank shard,
         and its checkpoints resume on any number of ranks."""
@@ -140,7 +141,7 @@ class FSDPStrategy:
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
                                                  **({"device_id": device} if device.type == "cuda" else {}))
-        return cls(device, compile=args.compile, grad_ckpt=args.grad_ckpt, shard_size=args.fsdp_shard_size)
+        return cls(device, compile=dist.compile, grad_ckpt=dist.grad_ckpt, shard_size=dist.shard_size)
 
     @property
     def mesh(self):
@@ -319,6 +320,6 @@ def optimizer_state_by_position(state: dict) -> dict:
 STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-def strategy_from_args(args, device: torch.device):
-    """--dist_strategy's class, configured from the flags."""
-    return STRATEGIES[getattr(args, "dist_strategy", "ddp")].from_args(args, device)
+def make_strategy(dist, device: torch.device):
+    """--dist_strategy's class, configured from the run's DistConfig (engine/config.py)."""
+    return STRATEGIES[dist.strategy].from_config(dist, device)

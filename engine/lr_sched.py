@@ -1,12 +1,9 @@
-"""Learning rate: the official batch scaling rule, and the schedule (per-iteration linear warmup,
-then half-cycle cosine to min_lr)."""
-import logging
+"""Learning rate: the schedule (per-iteration linear warmup,
+then half-cycle cosine to min_lr). The official batch scaling rule is resolved with the
+run's config (engine/config.py)."""
 import math
 from dataclasses import dataclass
 
-from util import dist as dist_util
-
-log = logging.getLogger("mae")
 
 
 @dataclass(frozen=True)
@@ -16,10 +13,6 @@ class LrSchedule:
     min_lr: float
     warmup_epochs: float
     epochs: int
-
-    @classmethod
-    def from_args(cls, args) -> "LrSchedule":
-        return cls(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
 
 
 def lr_at(epoch: float, sched) -> float:
@@ -37,14 +30,3 @@ def adjust_learning_rate(optimizer, epoch: float, sched) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
-
-
-def resolve_lr(args) -> None:
-    """args.lr = blr * effective batch / 256 unless --lr was given (the official scaling rule)."""
-    eff_batch_size = args.batch_size * args.accum_iter * dist_util.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    log.info("base lr: %.2e", args.lr * 256 / eff_batch_size)
-    log.info("actual lr: %.2e", args.lr)
-    log.info("accumulate grad iterations: %d", args.accum_iter)
-    log.info("effective batch size: %d", eff_batch_size)

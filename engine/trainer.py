@@ -18,10 +18,13 @@ from util import dist as dist_util
 from util.errors import TrainingStopped
 from util.meters import DeviceMeters, LoopTimer
 
+from torch.distributed.tensor import DTensor
+
 from .distributed import DDPStrategy
 from .launch.preemption import StopRequest
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
+from .protocols import Checkpointer, LogWriter, Strategy, TrainLoader
 from .reporting.logs import append_epoch_record, report_progress
 
 log = logging.getLogger("mae")
@@ -29,29 +32,29 @@ log = logging.getLogger("mae")
 
 @dataclass
 class TrainingRun:
-    """Everything the step and the epoch loop read, built once by the recipe (from_args takes the
-    flags' values); neither reads a flag."""
+    """Everything the step and the epoch loop read, built once by the recipe runner (from_config
+    takes the run's config); neither reads a flag. The parts' contracts: engine/protocols.py."""
     # The step.
     model: torch.nn.Module             # the training model, as strategy.wrap() returned it
     compute_loss: Callable             # (model, batch) -> scalar loss tensor, called under autocast
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
-    strategy: object = field(default_factory=DDPStrategy)  # engine/distributed.py: DDPStrategy, FSDPStrategy
+    strategy: Strategy = field(default_factory=DDPStrategy)
     amp_dtype: Optional[torch.dtype] = None
     accum_iter: int = 1                # iterations per optimizer step
     clip_grad: Optional[float] = None  # max gradient norm; None: no clipping
     skip_nonfinite: bool = False       # a non-finite loss skips its optimizer step; False: training stops
     # The epoch loop.
-    loader: Optional[object] = None    # a TrainLoader: iters_per_epoch, global_batch, set_position, iteration
-    checkpointer: Optional[object] = None
+    loader: Optional[TrainLoader] = None
+    checkpointer: Optional[Checkpointer] = None
     schedule: Optional[LrSchedule] = None
     epochs: int = 0
     print_freq: int = 20               # progress line every N iterations
     save_every: int = 20               # checkpoint-<epoch>.pth every N epochs (and after the last)
     save_every_steps: int = 0          # mid-epoch checkpoint-last.pth every N iterations; 0: off
     output_dir: str = ""               # log.txt; empty: none
-    log_writer: Optional[object] = None
+    log_writer: Optional[LogWriter] = None
     train_mode: Optional[Callable[[], None]] = None  # default model.train(); linear probing freezes the encoder
     stop: Optional[StopRequest] = None
     params: List[torch.nn.Parameter] = field(init=False, repr=False)
@@ -60,13 +63,14 @@ class TrainingRun:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     @classmethod
-    def from_args(cls, args, **parts) -> "TrainingRun":
-        """A training CLI's run: `parts` (model, compute_loss, optimizer, ...) and the flags' values
-        (args.lr resolved)."""
-        return cls(accum_iter=args.accum_iter, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
-                   schedule=LrSchedule.from_args(args), epochs=args.epochs, print_freq=args.print_freq,
-                   save_every=args.save_every, save_every_steps=args.save_every_steps, output_dir=args.output_dir,
-                   **parts)
+    def from_config(cls, cfg, **parts) -> "TrainingRun":
+        """A recipe's run: `parts` (model, compute_loss, optimizer, ...) and the numbers of the
+        run's config (engine/config.py RunConfig)."""
+        o, c = cfg.optim, cfg.checkpoint
+        return cls(accum_iter=o.accum_iter, clip_grad=o.clip_grad, skip_nonfinite=o.skip_nonfinite,
+                   schedule=LrSchedule(o.lr, o.min_lr, o.warmup_epochs, o.epochs), epochs=o.epochs,
+                   print_freq=cfg.logging.print_freq, save_every=c.save_every, save_every_steps=c.save_every_steps,
+                   output_dir=c.output_dir, **parts)
 
 
 def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
@@ -79,7 +83,7 @@ def grad_total_norm(parameters, clip_grad: Optional[float]) -> torch.Tensor:
         return torch.zeros(())
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 class NonFiniteWatch:
@@ -187,7 +191,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
             # The samples done, exact also when a resumed run changed the global batch mid-epoch.
             run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
         if stopping:
-            wait_for_saves(run)  # an async save is complete before the process hands over
+            run.checkpointer.close()  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
 
     watch.check()
@@ -197,14 +201,6 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         stats["skipped_steps"] = watch.skipped
     log.info("Averaged stats: %s", "  ".join(f"{k}: {v:.6g}" for k, v in sorted(stats.items())))
     return stats
-
-
-def wait_for_saves(run: TrainingRun) -> None:
-    """A checkpointer that writes in the background (engine/dcp_checkpoint.py --async_save) has
-    close(), which waits for the write; the others save before save() returns."""
-    close = getattr(run.checkpointer, "close", None)
-    if close is not None:
-        close()
 
 
 def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
@@ -234,9 +230,9 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
                 run.log_writer.flush()
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
-            wait_for_saves(run)
+            run.checkpointer.close()
             run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
-    wait_for_saves(run)  # the last (async) save is written before training ends
+    run.checkpointer.close()  # the last (async) save is written before training ends
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

@@ -116,7 +116,7 @@ def vit_6p5b_patch14(**kwargs):
     return _vit(kwargs, patch_size=14, embed_dim=4096, depth=32, num_heads=32)
 
 
-PROBE_BN_EPS = 1e-6  # the linear probe's BatchNorm (engine/finetune.py make_linear_probe, as officially)
+PROBE_BN_EPS = 1e-6  # the linear probe's BatchNorm (engine/linprobe.py make_linear_probe, as officially)
 
 
 def fold_probe_head(state: dict, eps: float = PROBE_BN_EPS) -> dict:

@@ -15,5 +15,5 @@ import main_linprobe  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE linear probing", parents=[main_linprobe.get_args_parser()])
-    sys.exit(launch(parser, "engine.finetune:linprobe_main", "mae_linprobe",
-                    preflight="engine.finetune:linprobe_preflight"))
+    sys.exit(launch(parser, "engine.linprobe:main", "mae_linprobe",
+                    preflight="engine.linprobe:preflight"))

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import models
 from engine.checkpoint import load_pretrained_encoder
-from engine.pretrain_model import build_pretrain_model as build_mae
+from engine.pretrain import PretrainRecipe
 from models import MaskedAutoencoderViT, timm_vit
 from util.cli import run_cli
 from util.errors import UserError
@@ -214,9 +214,14 @@ def test_bad_flags_exit_2_with_one_line(ablation_run, photos, tmp_path):
 
 
 def pretrain_args(**flags) -> argparse.Namespace:
-    args = dict(model="mae_vit_mini_patch16", input_size=64, norm_pix_loss=False, resume="",
+    args = dict(model="mae_vit_mini_patch16", input_size=64, norm_pix_loss=False, resume="", range_mask_ratio=0.0,
                 decoder_depth=None, decoder_embed_dim=None, decoder_num_heads=None)
     return argparse.Namespace(**{**args, **flags})
+
+
+def decoder_of(args, ckpt) -> dict:
+    """The effective decoder the pretraining recipe resolves for args and a resumed checkpoint."""
+    return PretrainRecipe.model_facts(args, None, ckpt)["decoder_arch"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -233,22 +238,21 @@ def pretrain_args(**flags) -> argparse.Namespace:
 ])
 def test_bad_decoder_flags(flags, expected):
     with pytest.raises(UserError) as e:
-        build_mae(pretrain_args(**flags), None)
+        decoder_of(pretrain_args(**flags), None)
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
-def test_build_mae_records_the_effective_decoder():
+def test_the_effective_decoder_is_resolved_without_writing_args():
     args = pretrain_args(decoder_embed_dim=48)
-    model = build_mae(args, None)
-    assert model.decoder_arch == dict(decoder_embed_dim=48, decoder_depth=2, decoder_num_heads=4)
-    assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == (48, 2, 4)
+    assert decoder_of(args, None) == dict(decoder_embed_dim=48, decoder_depth=2, decoder_num_heads=4)
+    assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == (48, None, None)
     # Resuming: the recorded values fill the unset flags; an equal flag is fine.
     args = pretrain_args(decoder_depth=1)
     ckpt = {"_path": "ckpt.pth", "args": {**DEC_ARCH, "model": "mae_vit_mini_patch16"}}
-    assert build_mae(args, ckpt).decoder_arch == DEC_ARCH and args.decoder_embed_dim == 32
+    assert decoder_of(args, ckpt) == DEC_ARCH and args.decoder_embed_dim is None
     # Official checkpoints record no decoder (and their args are a Namespace).
     official = {"_path": "official.pth", "args": argparse.Namespace(model="mae_vit_mini_patch16")}
-    assert build_mae(pretrain_args(), official).decoder_arch["decoder_embed_dim"] == 64
+    assert decoder_of(pretrain_args(), official)["decoder_embed_dim"] == 64
 
 
 def test_visualize_rebuilds_the_recorded_decoder(ablation_run, photos, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 
 import models
 from engine.checkpoint import load_pretrained_encoder
-from engine.finetune import make_linear_probe
+from engine.linprobe import make_linear_probe
 from engine.interop.export import load_source, write_official, write_timm, write_transformers
 from engine.weights_io import read_weights
 from models.mae import MaskedAutoencoderViT

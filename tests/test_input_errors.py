@@ -10,6 +10,7 @@ import torch
 
 import models
 from engine import finetune as finetune_engine
+from engine import linprobe as linprobe_engine
 from engine import pretrain as pretrain_engine
 from util.errors import UserError
 
@@ -146,7 +147,7 @@ def test_pretrain_preflight_accepts_and_creates_nothing(photos, tmp_path):
     args = parse(main_pretrain, [*MINI, "--data_path", photos, "--output_dir", tmp_path / "a" / "b",
                                  "--batch_size", 7])
     plan = pretrain_engine.preflight(args, 2)
-    assert len(plan.train_folder) == 14 and plan.meta_model.patch_size == 16
+    assert len(plan.train_source) == 14 and plan.meta_model.patch_size == 16
     assert not (tmp_path / "a").exists()
     with pytest.raises(UserError, match="each of the 3 process"):
         pretrain_engine.preflight(args, 3)  # ceil(14 / 3) = 5 images per process < 7
@@ -234,9 +235,9 @@ def test_eval_needs_only_val(two_classes, tmp_path):
     args = parse(main_finetune, [*FT, "--data_path", data, "--eval", "--resume", ckpt, "--batch_size", 64,
                                  "--output_dir", tmp_path / "out"])
     plan = finetune_engine.preflight(args, 1)
-    assert plan.train_folder is None and len(plan.val_folder) == 41
+    assert plan.train_source is None and len(plan.val_source) == 41
     probe = parse(main_linprobe, [*FT, "--data_path", data, "--eval", "--resume", ckpt, "--batch_size", 64])
-    assert finetune_engine.linprobe_preflight(probe, 1).train_folder is None
+    assert linprobe_engine.preflight(probe, 1).train_source is None
     with pytest.raises(UserError, match="has no 'train' folder"):  # training still needs it
         finetune_engine.preflight(parse(main_finetune, [*FT, "--data_path", data, "--batch_size", 4]), 1)
 

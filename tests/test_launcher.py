@@ -24,7 +24,7 @@ from conftest import REPO, cli_env, one_line_error
 LAUNCHERS = {
     "pretrain": (main_pretrain, "engine.pretrain:main", "engine.pretrain:preflight"),
     "finetune": (main_finetune, "engine.finetune:main", "engine.finetune:preflight"),
-    "linprobe": (main_linprobe, "engine.finetune:linprobe_main", "engine.finetune:linprobe_preflight"),
+    "linprobe": (main_linprobe, "engine.linprobe:main", "engine.linprobe:preflight"),
 }
 SMALL = ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--batch_size", "2", "--num_workers", "0",
          "--nodes", "1", "--ngpus", "2"]
@@ -115,8 +115,8 @@ def test_dry_run_prints_job_and_training_arguments(capsys, tmp_path, monkeypatch
     lines = dry_run(capsys, ["--device", "cpu", "--ngpus", "2", "--nodes", "1", "--batch_size", "2",
                              "--model", "vit_mini_patch16", "--data_path", two_classes], "linprobe")
     assert "gpus_per_node" not in lines and "mem_gb" not in lines and lines["tasks_per_node"] == "2"
-    assert lines["command"].startswith("engine.finetune:linprobe_main")
-    assert lines["checks"] == "passed (engine.finetune:linprobe_preflight)"
+    assert lines["command"].startswith("engine.linprobe:main")
+    assert lines["checks"] == "passed (engine.linprobe:preflight)"
 
 
 def test_no_preflight_submits_what_only_the_compute_nodes_can_check(capsys, tmp_path):

@@ -62,10 +62,13 @@ class SaveLog:
     last_name = "checkpoint-last.pth"
 
     def __init__(self):
-        self.saves = []
+        self.saves, self.closed, self.extra_state = [], 0, {}
 
     def save(self, epoch, epoch_iter, epoch_iters, samples_in_epoch, **kw):
         self.saves.append((epoch, epoch_iter, epoch_iters, samples_in_epoch))
+
+    def close(self):
+        self.closed += 1
 
 
 def loop_run(batches, **fields) -> TrainingRun:
@@ -229,11 +232,13 @@ def test_mid_epoch_resume_positions_and_the_agreed_stop():
     assert run.stop.saved == "checkpoint-last.pth"  # the stop message names what the checkpointer wrote
 
 
-def test_run_takes_the_flags_once():
-    args = Namespace(accum_iter=4, clip_grad=1.5, skip_nonfinite=True, lr=0.25, min_lr=0.01, warmup_epochs=3,
-                     epochs=9, print_freq=7, save_every=5, save_every_steps=8, output_dir="out")
-    run = TrainingRun.from_args(args, **{k: v for k, v in vars(make_run()).items()
-                                         if k in ("model", "compute_loss", "optimizer", "scaler", "device")})
+def test_run_takes_the_config_once():
+    cfg = Namespace(optim=Namespace(accum_iter=4, clip_grad=1.5, skip_nonfinite=True, lr=0.25, min_lr=0.01,
+                                    warmup_epochs=3, epochs=9),
+                    logging=Namespace(print_freq=7),
+                    checkpoint=Namespace(save_every=5, save_every_steps=8, output_dir="out"))
+    run = TrainingRun.from_config(cfg, **{k: v for k, v in vars(make_run()).items()
+                                          if k in ("model", "compute_loss", "optimizer", "scaler", "device")})
     assert (run.accum_iter, run.clip_grad, run.skip_nonfinite, run.epochs, run.print_freq, run.save_every,
             run.save_every_steps, run.output_dir) == (4, 1.5, True, 9, 7, 5, 8, "out")
     assert run.schedule == LrSchedule(lr=0.25, min_lr=0.01, warmup_epochs=3, epochs=9)

@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -62,9 +63,24 @@ _ITP_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LO
              "MASTER_PORT")
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in the launch, from the launcher's environment (no process group)."""
+    rank: int
+    world_size: int
+    local_rank: int
+    dist_url: Optional[str]  # from the environment (OpenMPI); None: --dist_url's
+
+
+def launch_env(dist_on_itp: bool = False, port: Optional[int] = None) -> LaunchEnv:
+    """torchrun, srun (one task per GPU; `port`: the master port, default from the job id),
+    OpenMPI with dist_on_itp, or a single process."""
+    return LaunchEnv(*_launch_env(dist_on_itp, port))
+
+
 def launched_world_size(args) -> int:
     """The number of processes the launcher started (1 without one), before any process group exists."""
-    return _launch_env(getattr(args, "dist_on_itp", False), getattr(args, "port", None))[1]
+    return _launch_env(args.dist_on_itp, args.port)[1]
 
 
 def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
@@ -92,32 +108,24 @@ def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
     return 0, 1, 0, None
 
 
-def init_distributed_mode(args) -> None:
-    """Set args.rank/world_size/gpu/distributed and join the process group when launched with >1 process.
-
-    nccl for CUDA devices, gloo otherwise, so the same command runs on CPU-only machines.
-    """
-    rank, world, local, url = _launch_env(getattr(args, "dist_on_itp", False), getattr(args, "port", None))
-    args.rank, args.world_size, args.gpu = rank, world, local
-    args.distributed = world > 1
-    device_type = torch.device(args.device).type
+def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str]) -> None:
+    """Join the process group when launched with more than one process (nccl for CUDA devices,
+    gloo otherwise, so the same command runs on CPU-only machines); on CUDA use the local GPU."""
+    device_type = torch.device(device).type
     if device_type == "cuda":
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    if not args.distributed:
+        torch.cuda.set_device(launch.local_rank)
+    if launch.world_size < 2:
         return
-    args.dist_url = url or args.dist_url
-    args.dist_backend = "nccl" if device_type == "cuda" else "gloo"
     # RANK/WORLD_SIZE for any code that reads them (e.g. srun launches set only SLURM_*).
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    kwargs = dict(backend=args.dist_backend, init_method=args.dist_url, world_size=world, rank=rank,
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
+    kwargs = dict(backend=backend, init_method=dist_url, world_size=launch.world_size, rank=launch.rank,
                   timeout=datetime.timedelta(minutes=30))
     if device_type == "cuda":
-        kwargs["device_id"] = torch.device("cuda", local)
+        kwargs["device_id"] = torch.device("cuda", launch.local_rank)
     dist.init_process_group(**kwargs)
     global _CPU_GROUP
     # Control messages (e.g. "stop now") travel over gloo so they never wait on the GPU stream.
-    _CPU_GROUP = dist.new_group(backend="gloo") if args.dist_backend != "gloo" else None
+    _CPU_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     dist.barrier()
 
 
@@ -157,12 +165,14 @@ def any_across_ranks(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(t.item())
 
 
-def setup_logging() -> logging.Logger:
-    """Progress on stdout from rank 0 only; warnings on stderr from every rank."""
+def setup_logging(rank: Optional[int] = None) -> logging.Logger:
+    """Progress on stdout from rank 0 only; warnings on stderr from every rank. rank: this process's
+    (default: the process group's), so that logging can start before the group exists."""
+    main = (get_rank() if rank is None else rank) == 0
     out = logging.StreamHandler(sys.stdout)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
-    logging.basicConfig(format="%(message)s", level=logging.INFO if is_main_process() else logging.WARNING,
+    logging.basicConfig(format="%(message)s", level=logging.INFO if main else logging.WARNING,
                         handlers=[out, err], force=True)
     return logging.getLogger("mae")

@@ -242,8 +242,7 @@ def train_order(source: ImageSource, data_order: str = "auto") -> str:
 def source_from_args(args, split: str, classification: bool = False) -> ImageSource:
     """open_source with the CLIs' flags (--data_path, --data_format, --image_column, --label_column;
     --nb_classes for classification)."""
-    return open_source(args.data_path, split, data_format=getattr(args, "data_format", "auto") or "auto",
+    return open_source(args.data_path, split, data_format=args.data_format or "auto",
                        need_labels=classification, allow_empty_classes=not classification,
-                       image_column=getattr(args, "image_column", None),
-                       label_column=getattr(args, "label_column", None),
-                       num_classes=getattr(args, "nb_classes", 1) if classification else 1)
+                       image_column=args.image_column, label_column=args.label_column,
+                       num_classes=args.nb_classes if classification else 1)

@@ -4,7 +4,7 @@ import json
 import logging
 import math
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -13,39 +13,64 @@ from util.checkpoint_io import os_error_text
 from util.errors import UserError
 from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 
+from .wandb_log import CHECKPOINT_KEY, WandbWriter
+
 log = logging.getLogger("mae")
 
 
-def make_log_writer(args, resumed: Optional[dict] = None):
-    """On rank 0: the tensorboard writer when --log_dir is set, the W&B writer when --wandb_project
-    is (engine/reporting/wandb_log.py; `resumed`: the checkpoint the run resumes, whose W&B run it continues),
-    or both (LogWriters); None when neither."""
+class LogWriters:
+    """The run's log writer on rank 0: tensorboard (--log_dir) and W&B (--wandb_project), either or
+    both; every call goes to each. W&B sends a progress line's scalars as one row (end_row)."""
+
+    def __init__(self, tensorboard=None, wandb: Optional[WandbWriter] = None):
+        self.tensorboard, self.wandb = tensorboard, wandb
+        self.writers = [w for w in (tensorboard, wandb) if w is not None]
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        for w in self.writers:
+            w.add_scalar(tag, value, step)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        for w in self.writers:
+            w.add_image(tag, image, step)
+
+    def end_row(self) -> None:
+        if self.wandb is not None:
+            self.wandb.end_row()
+
+    def flush(self) -> None:
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+    def checkpoint_state(self) -> dict:
+        """What checkpoints keep of the writers: the W&B run id, so a resumed job continues the run."""
+        return {CHECKPOINT_KEY: self.wandb.run_id} if self.wandb is not None else {}
+
+
+def make_log_writer(logging_cfg, record: Mapping, resumed: Optional[dict] = None) -> Optional[LogWriters]:
+    """On rank 0 the run's LogWriters, None when neither --log_dir nor --wandb_project is set (and
+    on the other ranks). logging_cfg: engine/config.py LoggingConfig; record: the run's flat args,
+    W&B's config; resumed: the resumed checkpoint's entries, whose W&B run is continued."""
     if not dist_util.is_main_process():
         return None
     tensorboard = wandb = None
-    if args.log_dir:
+    if logging_cfg.log_dir:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 needs it
-        os.makedirs(args.log_dir, exist_ok=True)
-        tensorboard = SummaryWriter(log_dir=args.log_dir)
-    if getattr(args, "wandb_project", ""):
-        from ..checkpoint import plain_args
-        from .wandb_log import CHECKPOINT_KEY, WandbWriter
-        wandb = WandbWriter(args, (resumed or {}).get(CHECKPOINT_KEY), plain_args(args))
-    if tensorboard is None or wandb is None:
-        return tensorboard or wandb
-    from .wandb_log import LogWriters
+        os.makedirs(logging_cfg.log_dir, exist_ok=True)
+        tensorboard = SummaryWriter(log_dir=logging_cfg.log_dir)
+    if logging_cfg.wandb_project:
+        wandb = WandbWriter(logging_cfg, (resumed or {}).get(CHECKPOINT_KEY), dict(record))
+    if tensorboard is None and wandb is None:
+        return None
     return LogWriters(tensorboard, wandb)
 
 
-def log_writer_state(log_writer) -> dict:
-    """What checkpoints keep of the log writers: the W&B run id, so a resumed job continues the run."""
-    from .wandb_log import CHECKPOINT_KEY, LogWriters, WandbWriter
-    writer = log_writer.wandb if isinstance(log_writer, LogWriters) else log_writer
-    return {CHECKPOINT_KEY: writer.run_id} if isinstance(writer, WandbWriter) else {}
-
-
 def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: int, epoch_iters: int, lr: float,
-                    global_batch: int, device: torch.device, log_writer: Optional[object] = None) -> None:
+                    global_batch: int, device: torch.device, log_writer: Optional[LogWriters] = None) -> None:
     """The progress line of iteration `done` and its tensorboard scalars. Every rank calls it
     (the meters are averaged across ranks); rank 0 writes."""
     window, timing = meters.read_window(), timer.window()
@@ -69,8 +94,7 @@ def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: in
         if "grad_norm" in window:
             log_writer.add_scalar("grad_norm", window["grad_norm"], epoch_1000x)
         log_writer.add_scalar("img_per_s", global_batch / timing["iter_time"], epoch_1000x)
-        if hasattr(log_writer, "end_row"):  # W&B: the line's values as one row, sent now
-            log_writer.end_row()
+        log_writer.end_row()  # W&B: the line's values as one row, sent now
 
 
 def append_epoch_record(output_dir: str, record: dict, epoch: int) -> None:

@@ -182,35 +182,3 @@ class WandbWriter:
     def close(self) -> None:
         self.end_row()
         self.run.finish()
-
-
-class LogWriters:
-    """Tensorboard and W&B together: every call goes to each."""
-
-    def __init__(self, *writers):
-        self.writers = [w for w in writers if w is not None]
-
-    def add_scalar(self, *a, **k):
-        for w in self.writers:
-            w.add_scalar(*a, **k)
-
-    def add_image(self, *a, **k):
-        for w in self.writers:
-            w.add_image(*a, **k)
-
-    def end_row(self):
-        for w in self.writers:
-            if hasattr(w, "end_row"):
-                w.end_row()
-
-    def flush(self):
-        for w in self.writers:
-            w.flush()
-
-    def close(self):
-        for w in self.writers:
-            w.close()
-
-    @property
-    def wandb(self) -> Optional[WandbWriter]:
-        return next((w for w in self.writers if isinstance(w, WandbWriter)), None)

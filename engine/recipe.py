@@ -1,0 +1,162 @@
+"""One recipe runner: the build order of every training run, written once.
+
+A recipe (engine/pretrain.py, engine/finetune.py, engine/linprobe.py) says only what differs
+between them: its checks, the model, the loaders, the optimizer, the loss, what runs after each
+epoch and how the model is put in training mode. run() owns the order, the same for every recipe
+and strategy (the way torchtitan's trainer owns it):
+
+    checks (preflight) -> the checkpoint to resume -> resolve the config (engine/config.py)
+    -> process group, seeds -> strategy -> model (built sharded under FSDP) -> loaders
+    -> optimizer, scaler -> resume -> (finished? stop) -> wrap -> checkpointer, log writer -> fit
+
+The order matters for exact resume: the weights are initialised from the seeded global RNG before
+the resumed checkpoint restores the RNG states, and nothing draws from it in between.
+"""
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Tuple
+
+import torch
+
+from util import dist as dist_util
+
+from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
+from .config import RunConfig, resolve, resume_flag
+from .data import LoaderSettings
+from .distributed import make_strategy
+from .launch.preemption import StopRequest
+from .precision import resolve_amp
+from .protocols import LogWriter, Strategy
+from .reporting.logs import make_log_writer
+from .runtime import setup_runtime
+from .trainer import TrainingRun, fit
+
+log = logging.getLogger("mae")
+
+# after_epoch(epoch) -> (log.txt fields, is_best, extra checkpoint state); see trainer.fit.
+AfterEpoch = Callable[[int], Tuple[dict, bool, Optional[dict]]]
+
+
+@dataclass
+class Built:
+    """What a recipe's hooks get once the run is built."""
+    cfg: RunConfig
+    plan: object                       # the recipe's preflight result (its data sources)
+    strategy: Strategy
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    model: torch.nn.Module             # the training model, as strategy.wrap() returned it
+    val_loader: Optional[object]
+    log_writer: Optional[LogWriter]
+    resumed: dict                      # the resumed checkpoint's plain entries (no tensors); {} for a new run
+
+
+class Recipe(Protocol):
+    task: str                          # engine/config.py TASKS
+
+    def preflight(self, args, world_size: int, on_this_machine: bool = True) -> object:
+        """Every check that needs neither a GPU nor a process group; returns the plan (data sources)."""
+
+    def model_facts(self, args, plan, resumed: Optional[dict]) -> dict:
+        """What resolve() needs to know of the model (engine/config.py resolve's keyword arguments)."""
+
+    def build_model(self, cfg: RunConfig, strategy: Strategy) -> torch.nn.Module:
+        """The model, on the strategy's device or to be moved there, weights initialised or loaded."""
+
+    def loaders(self, cfg: RunConfig, plan, model: torch.nn.Module) -> Tuple[Optional[object], Optional[object]]:
+        """(training loader, evaluation loader); either may be None."""
+
+    def optimizer(self, cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer: ...
+
+    def compute_loss(self, cfg: RunConfig, device: torch.device) -> Callable:
+        """(model, batch) -> scalar loss, run under autocast."""
+
+    def train_mode(self, model: torch.nn.Module) -> Optional[Callable[[], None]]:
+        """What puts the model in training mode at each epoch's start; None: model.train()."""
+
+    def after_epoch(self, built: Built) -> Optional[AfterEpoch]: ...
+
+    def evaluate_only(self, cfg: RunConfig, strategy: Strategy, model: torch.nn.Module, val_loader,
+                      device: torch.device, amp_dtype) -> None:
+        """--eval: evaluate --resume's weights (classification recipes)."""
+
+
+def _plain_entries(ckpt: Optional[dict]) -> dict:
+    return {k: v for k, v in (ckpt or {}).items() if k not in ("model", "optimizer")}
+
+
+def run(recipe: Recipe, args) -> None:
+    """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
+    plan = recipe.preflight(args, dist_util.launched_world_size(args))
+    launch = dist_util.launch_env(args.dist_on_itp, args.port)
+    dist_util.setup_logging(launch.rank)
+    eval_only = bool(getattr(args, "eval", False))
+    resume_path = args.resume if eval_only else resume_flag(args)
+    unreadable: List[str] = []
+    found = None
+    if not eval_only:
+        found = find_resume_checkpoint(resume_path, args.output_dir, not args.no_auto_resume,
+                                       args.dist_strategy == "fsdp", unreadable)
+    cfg = resolve(args, recipe.task, launch, resume=resume_path, **recipe.model_facts(args, plan, found))
+
+    device = setup_runtime(cfg.dist, cfg.checkpoint.output_dir if not eval_only else "")
+    if recipe.task == "pretrain":
+        log.info("job dir: %s", os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+        log.info("%s", json.dumps(dict(cfg.record), indent=1))
+    strategy = make_strategy(cfg.dist, device)
+    model = recipe.build_model(cfg, strategy)
+    loader, val_loader = recipe.loaders(cfg, plan, model)
+    model.to(device)  # already there under FSDP (built sharded on the device)
+    log.info("Model = %s", model)
+    amp_dtype = resolve_amp(cfg.dist.amp, device)
+    if eval_only:
+        recipe.evaluate_only(cfg, strategy, model, val_loader, device, amp_dtype)
+        dist_util.cleanup()
+        return
+
+    _log_lr(cfg)
+    optimizer = recipe.optimizer(cfg, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log.info("Optimizer: %s, autocast: %s, strategy: %s", type(optimizer).__name__, amp_dtype or "off (fp32)",
+             strategy.name)
+    pos = resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
+                 model_name=cfg.model.model, explicit=bool(cfg.checkpoint.resume))
+    if already_finished(pos, cfg.optim.epochs, found):
+        dist_util.cleanup()
+        return
+    resumed = _plain_entries(found)
+    del found  # its tensors (optimizer state too) must not stay in memory for the whole run
+
+    train_model = strategy.wrap(model)
+    checkpointer = make_checkpointer(strategy, cfg.checkpoint.output_dir, train_model, optimizer, scaler,
+                                     dict(cfg.record), cfg.checkpoint.keep_last, unreadable,
+                                     async_save=cfg.checkpoint.async_save)
+    log_writer = make_log_writer(cfg.logging, cfg.record, resumed)  # continues the resumed run's W&B run
+    if log_writer is not None:
+        checkpointer.extra_state.update(log_writer.checkpoint_state())
+    built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
+    training = TrainingRun.from_config(cfg, model=train_model, strategy=strategy,
+                                       compute_loss=recipe.compute_loss(cfg, device), optimizer=optimizer,
+                                       scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
+                                       checkpointer=checkpointer, log_writer=log_writer,
+                                       train_mode=recipe.train_mode(model), stop=StopRequest().install())
+    fit(training, pos, after_epoch=recipe.after_epoch(built))
+    dist_util.cleanup()
+
+
+def loader_settings(cfg: RunConfig, order: str) -> LoaderSettings:
+    """How the run's loaders feed this process; order: the training order (data.train_order)."""
+    d = cfg.data
+    return LoaderSettings(d.batch_size, d.seed, d.num_workers, d.pin_memory, cfg.dist.world_size, cfg.dist.rank,
+                          order, d.shuffle_shards)
+
+
+def _log_lr(cfg: RunConfig) -> None:
+    """The official lr lines (the scaling itself is resolved in engine/config.py)."""
+    o = cfg.optim
+    log.info("base lr: %.2e", o.lr * 256 / o.effective_batch)
+    log.info("actual lr: %.2e", o.lr)
+    log.info("accumulate grad iterations: %d", o.accum_iter)
+    log.info("effective batch size: %d", o.effective_batch)
