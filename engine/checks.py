@@ -11,6 +11,9 @@ from util import dist as dist_util
 from util.checkpoint_io import os_error_text
 from util.errors import UserError
 
+from .checkpoint import is_sharded, problem
+from .interop.foreign_weights import check_weights_source
+
 
 def warn(message: str) -> None:
     """A preflight warning, printed once (by rank 0) before logging is set up."""
@@ -127,15 +130,13 @@ def check_resume_file(args) -> None:
 
 
 def check_checkpoint_path(path: str, flag: str) -> None:
-    """A checkpoint file, a complete sharded checkpoint directory (engine/dcp_checkpoint.py), or the
-    weights of transformers, timm or safetensors (engine/weights_io.py)."""
-    from .dcp_checkpoint import is_sharded, problem
+    """A checkpoint file, a complete sharded checkpoint directory (engine/checkpoint/dcp.py), or the
+    weights of transformers, timm or safetensors (engine/interop/foreign_weights.py)."""
     if is_sharded(path):
         why = problem(path)
         if why:
             raise UserError(f"{flag} {path} {why}: give another checkpoint")
         return
-    from .weights_io import check_weights_source  # imported late: it loads the model code
     check_weights_source(path, flag)
 
 

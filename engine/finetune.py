@@ -238,9 +238,8 @@ def _model(args, strategy, linprobe: bool):
 
 def _evaluate_only(args, strategy, model, val_loader, device, amp_dtype) -> None:
     """--eval: the weights of --resume on val/."""
-    from .weights_io import read_weights
-    ckpt = read_weights(args.resume, "--resume")  # also a sharded directory, transformers / timm weights
-    ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt), args.resume, ckpt_lib.recorded_args(ckpt),
+    ckpt = ckpt_lib.read_checkpoint(args.resume, "--resume")  # also a sharded directory, transformers / timm weights
+    ckpt_lib.load_model_weights(model, ckpt.get("model", ckpt_lib.weights_of(ckpt)), args.resume, ckpt_lib.recorded_args(ckpt),
                                 args.model, strategy)
     evaluate(model, val_loader, device, amp_dtype, sharded=args.dist_eval)
 
@@ -273,7 +272,8 @@ def _train(args, strategy, model, optimizer, compute_loss, loader, val_loader, d
     on val/ that keeps checkpoint-best.pth."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     unreadable = []
-    found = ckpt_lib.find_resume_checkpoint(args, unreadable, strategy.sharded)
+    found = ckpt_lib.find_resume_checkpoint(args.resume, args.output_dir, not args.no_auto_resume, strategy.sharded,
+                                            unreadable)
     best = {"max_accuracy": float(found.get("max_accuracy", 0.0)) if found else 0.0}
     started = start_training(args, strategy, model, optimizer, scaler, found, unreadable)
     del found  # its tensors (optimizer state too) must not stay in memory for the whole run

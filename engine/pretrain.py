@@ -76,14 +76,6 @@ def check_mask(args, model) -> None:
                         "--input_size")
 
 
-def may_resume(args) -> bool:
-    """A checkpoint may set the decoder flags: --resume, or automatic resume from --output_dir."""
-    if args.resume:
-        return True
-    return bool(args.output_dir) and not args.no_auto_resume and os.path.isdir(args.output_dir) and any(
-        os.path.exists(p) for p in ckpt_lib.resume_candidates(args.output_dir, sharded=True))
-
-
 def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleNamespace:
     """Every check of a pretraining command that needs neither a GPU nor a process group, so that
     bad input fails before any training work (and, called by a SLURM launcher with
@@ -95,7 +87,7 @@ def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleName
     check_pretrain_args(args)
     check_launch(args, world_size, on_this_machine)
     overrides = decoder_overrides(args, None)
-    resuming = may_resume(args)
+    resuming = ckpt_lib.may_resume(args.resume, args.output_dir, not args.no_auto_resume)
     if not resuming:  # when resuming, unset decoder flags come from the checkpoint: checked then
         check_decoder_width(args, overrides)
     extra = {"range_mask_ratio": args.range_mask_ratio} if args.range_mask_ratio else {}
@@ -175,7 +167,8 @@ def main(args) -> None:
     # The checkpoint to resume is read first: its recorded decoder fills unset --decoder_* flags.
     strategy = strategy_from_args(args, device)
     unreadable = []
-    found = ckpt_lib.find_resume_checkpoint(args, unreadable, strategy.sharded)
+    found = ckpt_lib.find_resume_checkpoint(args.resume, args.output_dir, not args.no_auto_resume, strategy.sharded,
+                                            unreadable)
     model = strategy.build(partial(build_pretrain_model, args, found))
     if args.mask_ratio is None:
         args.mask_ratio = model.default_mask_ratio

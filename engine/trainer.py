@@ -187,7 +187,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
             # The samples done, exact also when a resumed run changed the global batch mid-epoch.
             run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
         if stopping:
-            wait_for_saves(run)  # an async save is complete before the process hands over
+            run.checkpointer.close()  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
 
     watch.check()
@@ -197,14 +197,6 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         stats["skipped_steps"] = watch.skipped
     log.info("Averaged stats: %s", "  ".join(f"{k}: {v:.6g}" for k, v in sorted(stats.items())))
     return stats
-
-
-def wait_for_saves(run: TrainingRun) -> None:
-    """A checkpointer that writes in the background (engine/dcp_checkpoint.py --async_save) has
-    close(), which waits for the write; the others save before save() returns."""
-    close = getattr(run.checkpointer, "close", None)
-    if close is not None:
-        close()
 
 
 def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
@@ -234,9 +226,9 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
                 run.log_writer.flush()
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
-            wait_for_saves(run)
+            run.checkpointer.close()
             run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
-    wait_for_saves(run)  # the last (async) save is written before training ends
+    run.checkpointer.close()  # the last (async) save is written before training ends
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

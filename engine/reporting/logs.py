@@ -13,6 +13,8 @@ from util.checkpoint_io import os_error_text
 from util.errors import UserError
 from util.meters import DeviceMeters, LoopTimer, max_memory_mb
 
+from ..checkpoint import plain_args
+
 log = logging.getLogger("mae")
 
 
@@ -28,7 +30,6 @@ def make_log_writer(args, resumed: Optional[dict] = None):
         os.makedirs(args.log_dir, exist_ok=True)
         tensorboard = SummaryWriter(log_dir=args.log_dir)
     if getattr(args, "wandb_project", ""):
-        from ..checkpoint import plain_args
         from .wandb_log import CHECKPOINT_KEY, WandbWriter
         wandb = WandbWriter(args, (resumed or {}).get(CHECKPOINT_KEY), plain_args(args))
     if tensorboard is None or wandb is None:
