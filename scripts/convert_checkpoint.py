@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 import torch  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
 
 from engine.checkpoint import is_sharded, read_checkpoint, recorded_args, save_full_as_sharded  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
@@ -53,7 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parameter_names(ckpt: dict) -> Optional[List[str]]:
     """The optimizer's parameters by name in its numbering: the recorded model rebuilt on the meta
     device, with the recipe's parameter groups (engine/pretrain.py, engine/finetune.py)."""
-    from timm.optim import param_groups_weight_decay
     saved, groups = recorded_args(ckpt), (ckpt.get("optimizer") or {}).get("param_groups")
     kind = checkpoint_kind(ckpt["model"])
     if not saved.get("model") or not groups or kind == "encoder":
