@@ -11,6 +11,9 @@ from util import dist as dist_util
 from util.checkpoint_io import os_error_text
 from util.errors import UserError
 
+from .checkpoint import is_sharded, problem
+from .interop.foreign_weights import check_weights_source
+
 
 def warn(message: str) -> None:
     """A preflight warning, printed once (by rank 0) before logging is set up."""
@@ -59,7 +62,7 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
         raise UserError(f"--device {args.device}: this engine trains on cuda or cpu")
     if on_this_machine and device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but CUDA is not available: use --device cpu")
-    if getattr(args, "dist_on_itp", False):
+    if args.dist_on_itp:
         if not on_this_machine:
             raise UserError("--dist_on_itp takes the ranks from OpenMPI's environment, but this job's tasks "
                             "get them from SLURM: drop --dist_on_itp")
@@ -76,8 +79,8 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
 
 def check_wandb_args(args) -> None:
     """--wandb_*: the other flags need --wandb_project, and the wandb package must be installed."""
-    if not getattr(args, "wandb_project", ""):
-        given = [f"--{k}" for k in ("wandb_run_name", "wandb_entity", "wandb_tags") if getattr(args, k, "")]
+    if not args.wandb_project:
+        given = [f"--{k}" for k in ("wandb_run_name", "wandb_entity", "wandb_tags") if getattr(args, k)]
         if given:
             raise UserError(f"{', '.join(given)} without --wandb_project: W&B logging is off; add --wandb_project "
                             "NAME or drop the flag")
@@ -90,8 +93,7 @@ def check_wandb_args(args) -> None:
 
 def check_strategy(args, world_size: int) -> None:
     """--dist_strategy and the flags that go with it."""
-    strategy = getattr(args, "dist_strategy", "ddp")
-    shard_size, async_save = getattr(args, "fsdp_shard_size", 0), getattr(args, "async_save", False)
+    strategy, shard_size, async_save = args.dist_strategy, args.fsdp_shard_size, args.async_save
     if strategy != "fsdp":
         for flag, given in (("--fsdp_shard_size", shard_size), ("--async_save", async_save)):
             if given:
@@ -108,7 +110,7 @@ def check_strategy(args, world_size: int) -> None:
         # AdamW step rejects in torch 2.14; bf16 needs no scaler.
         raise UserError("--amp fp16 with --dist_strategy fsdp is not supported (the sharded gradient scaler does "
                         "not fit the fused AdamW step): use --amp bf16, or --dist_strategy ddp for fp16")
-    if getattr(args, "dist_eval", False):
+    if getattr(args, "dist_eval", False):  # a classification flag: pretraining has none
         raise UserError("--dist_eval with --dist_strategy fsdp: the evaluation shards may differ by a batch, and "
                         "a sharded model needs every process in every forward pass; drop --dist_eval (each "
                         "process then evaluates the whole val set)")
@@ -116,10 +118,10 @@ def check_strategy(args, world_size: int) -> None:
 
 def check_resume_file(args) -> None:
     """--resume names a checkpoint file (or, the official MixMIM convention, its own run's future
-    checkpoint in --output_dir: see drop_future_resume)."""
+    checkpoint in --output_dir: see engine/config.py resume_flag)."""
     if not args.resume:
         return
-    if not os.path.exists(args.resume) and _own_future_checkpoint(args):
+    if not os.path.exists(args.resume) and own_future_checkpoint(args):
         return
     if not os.path.exists(args.resume):
         raise UserError(f"--resume {args.resume} does not exist: give the path of a checkpoint file")
@@ -127,31 +129,20 @@ def check_resume_file(args) -> None:
 
 
 def check_checkpoint_path(path: str, flag: str) -> None:
-    """A checkpoint file, a complete sharded checkpoint directory (engine/dcp_checkpoint.py), or the
-    weights of transformers, timm or safetensors (engine/weights_io.py)."""
-    from .dcp_checkpoint import is_sharded, problem
+    """A checkpoint file, a complete sharded checkpoint directory (engine/checkpoint/dcp.py), or the
+    weights of transformers, timm or safetensors (engine/interop/foreign_weights.py)."""
     if is_sharded(path):
         why = problem(path)
         if why:
             raise UserError(f"{flag} {path} {why}: give another checkpoint")
         return
-    from .weights_io import check_weights_source  # imported late: it loads the model code
     check_weights_source(path, flag)
 
 
-def _own_future_checkpoint(args) -> bool:
+def own_future_checkpoint(args) -> bool:
+    """--resume names a file in --output_dir (whether or not it exists yet)."""
     return bool(args.output_dir) and \
         os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir)
-
-
-def drop_future_resume(args) -> None:
-    """The official MixMIM scripts always pass their run's own future checkpoint: a first run
-    starts fresh (automatic resume from --output_dir still finds checkpoint-last.pth)."""
-    if args.resume and not os.path.exists(args.resume) and _own_future_checkpoint(args):
-        if dist_util.launcher_rank() == 0:
-            print(f"note: --resume {args.resume} does not exist yet (it is in --output_dir): starting a new run "
-                  "or resuming from the output folder's own checkpoints", file=sys.stderr, flush=True)
-        args.resume = ""
 
 
 def check_output_dirs(args, room: int = 0) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from util.errors import UserError
 
-from .checkpoint import load_model_weights, load_pretrained_encoder, read_weights, recorded_args
+from .checkpoint import load_model_weights, load_pretrained_encoder, read_checkpoint, recorded_args, weights_of
 from .checks import check_args, check_checkpoint_path, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes
 from .config import RunConfig
 from .data import (
@@ -209,6 +209,6 @@ class ClassificationRecipe:
     def evaluate_only(cfg: RunConfig, strategy, model, val_loader, device, amp_dtype) -> None:
         """--eval: the weights of --resume on val/."""
         path = cfg.checkpoint.resume
-        ckpt = read_weights(path, "--resume")  # also a sharded directory, transformers / timm weights
-        load_model_weights(model, ckpt.get("model", ckpt), path, recorded_args(ckpt), cfg.model.model, strategy)
+        ckpt = read_checkpoint(path, "--resume")  # also a sharded directory, transformers / timm weights
+        load_model_weights(model, weights_of(ckpt), path, recorded_args(ckpt), cfg.model.model, strategy)
         evaluate(model, val_loader, device, amp_dtype, sharded=cfg.data.dist_eval)

@@ -14,7 +14,7 @@ it (and a checkpoint of this version equals one of the version before, byte for 
 """
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional, Tuple
 
@@ -23,6 +23,7 @@ import torch
 from util import dist as dist_util
 
 from .checkpoint import plain_args
+from .checks import own_future_checkpoint
 
 TASKS = ("pretrain", "finetune", "linprobe")
 
@@ -53,7 +54,8 @@ class ModelConfig:
     norm_pix_loss: bool = False
     mask_ratio: Optional[float] = None   # the model's default when the flag is not given
     range_mask_ratio: float = 0.0
-    decoder: Mapping[str, int] = MappingProxyType({})  # the decoder flags given or recorded by the resumed checkpoint
+    # The decoder flags given or recorded by the resumed checkpoint.
+    decoder: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     # Classification.
     nb_classes: int = 0
     global_pool: Optional[bool] = None   # resolved: pooled for fine-tuning, class token for probing
@@ -158,8 +160,7 @@ class RunConfig:
 def resume_flag(args) -> str:
     """--resume, or '' when it names the run's own future checkpoint: the official MixMIM scripts
     always pass it, so a first run starts fresh (automatic resume still finds checkpoint-last)."""
-    if args.resume and not os.path.exists(args.resume) and bool(args.output_dir) and \
-            os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(args.output_dir):
+    if args.resume and not os.path.exists(args.resume) and own_future_checkpoint(args):
         if dist_util.launcher_rank() == 0:
             print(f"note: --resume {args.resume} does not exist yet (it is in --output_dir): starting a new run "
                   "or resuming from the output folder's own checkpoints", file=sys.stderr, flush=True)
@@ -184,10 +185,11 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             default_mask_ratio: Optional[float] = None, global_pool: Optional[bool] = None) -> RunConfig:
     """The frozen config of a run. `args` is read, never written.
 
-    launch: the launcher's ranks (util.dist.launch_env). resume: --resume as resume_flag() read it. The model's answers come from the recipe (Recipe.model_facts), which asks
-    the model built on the meta device and the checkpoint to resume: decoder (the decoder flags
-    given or recorded by that checkpoint), decoder_arch (the effective decoder), default_mask_ratio, global_pool (the pooling
-    default of classification)."""
+    launch: the launcher's ranks (util.dist.launch_env). resume: --resume as resume_flag() read it.
+    The model's answers come from the recipe (Recipe.model_facts), which asks the model built on
+    the meta device and the checkpoint to resume: decoder (the decoder flags given or recorded by
+    that checkpoint), decoder_arch (the effective decoder), default_mask_ratio, and global_pool
+    (the pooling default of classification)."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
     flags = vars(args)

@@ -10,7 +10,7 @@ per process, DDP with several; FSDPStrategy (fsdp) shards every transformer bloc
 with FSDP2's fully_shard over the processes (or, with --fsdp_shard_size, inside groups of ranks
 that replicate each other), so a rank holds 1/N of the fp32 weights, gradients and AdamW state.
 Under FSDP the model is sharded when it is built (build()), checkpoints are sharded directories
-(engine/dcp_checkpoint.py) and every rank takes part in everything that touches the weights
+(engine/checkpoint/dcp.py) and every rank takes part in everything that touches the weights
 (evaluation, pictures, checkpoints), since a forward pass all-gathers each block.
 """
 import warnings
@@ -38,7 +38,7 @@ class DDPStrategy:
     """Every process holds the whole model and optimizer state; with several processes DDP
     averages the gradients during backward."""
     name = "ddp"
-    sharded = False  # checkpoints are single files written by rank 0 (engine/checkpoint.py)
+    sharded = False  # checkpoints are single files written by rank 0 (engine/checkpoint/single_file.py)
 
     def __init__(self, device: Optional[torch.device] = None, compile: bool = False, grad_ckpt: bool = False):
         self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
@@ -124,7 +124,7 @@ class FSDPStrategy:
     one). mp_policy is there for such measurements; the CLIs leave it None.
     """
     name = "fsdp"
-    sharded = True  # checkpoints are directories written by every rank (engine/dcp_checkpoint.py)
+    sharded = True  # checkpoints are directories written by every rank (engine/checkpoint/dcp.py)
 
     def __init__(self, device: Optional[torch.device] = None, compile: bool = False, grad_ckpt: bool = False,
                  shard_size: int = 0, mp_policy=None):

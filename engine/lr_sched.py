@@ -5,7 +5,6 @@ import math
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class LrSchedule:
     """The schedule's numbers (those of the flags of the same names, lr resolved)."""

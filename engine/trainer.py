@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from util import dist as dist_util
 from util.errors import TrainingStopped
 from util.meters import DeviceMeters, LoopTimer
-
-from torch.distributed.tensor import DTensor
 
 from .distributed import DDPStrategy
 from .launch.preemption import StopRequest

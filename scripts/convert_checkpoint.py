@@ -28,14 +28,14 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 import torch  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
 
-from engine import dcp_checkpoint  # noqa: E402
-from engine.checkpoint import recorded_args  # noqa: E402
+from engine.checkpoint import is_sharded, read_checkpoint, recorded_args, save_full_as_sharded  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
 from engine.optim import param_groups_lrd  # noqa: E402
 from engine.pretrain_model import decoder_kwargs  # noqa: E402
 from models.state_dict import checkpoint_kind  # noqa: E402
-from util.checkpoint_io import atomic_save, load_checkpoint_file  # noqa: E402
+from util.checkpoint_io import atomic_save  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
@@ -54,7 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parameter_names(ckpt: dict) -> Optional[List[str]]:
     """The optimizer's parameters by name in its numbering: the recorded model rebuilt on the meta
     device, with the recipe's parameter groups (engine/pretrain.py, engine/finetune.py)."""
-    from timm.optim import param_groups_weight_decay
     saved, groups = recorded_args(ckpt), (ckpt.get("optimizer") or {}).get("param_groups")
     kind = checkpoint_kind(ckpt["model"])
     if not saved.get("model") or not groups or kind == "encoder":
@@ -90,15 +89,14 @@ def main(args) -> None:
     src, dst = args.source, args.destination
     if os.path.lexists(dst):
         raise UserError(f"{dst} exists: give a new path (the conversion never overwrites)")
-    if dcp_checkpoint.is_sharded(src):
-        ckpt = dcp_checkpoint.load_full(src, "source")
-        ckpt.pop("_path", None)
+    ckpt = read_checkpoint(src, "source", foreign=False)  # a sharded directory gathered into one dict
+    ckpt.pop("_path", None)
+    if is_sharded(src):
         if args.weights_only:
             ckpt = {"model": ckpt["model"], "args": ckpt.get("args")}
         atomic_save(ckpt, dst)
         print(f"wrote {dst} ({len(ckpt['model'])} model tensors{', optimizer state' if 'optimizer' in ckpt else ''})")
         return
-    ckpt = load_checkpoint_file(src, "source")
     if not isinstance(ckpt.get("model"), dict):
         ckpt = {"model": ckpt}  # a bare state dict
     names = None if args.weights_only else parameter_names(ckpt)
@@ -107,7 +105,7 @@ def main(args) -> None:
               "or other parameter groups): its weights only are converted", file=sys.stderr)
     if args.weights_only:
         ckpt = {"model": ckpt["model"], "args": ckpt.get("args")}
-    dcp_checkpoint.save_full_as_sharded(ckpt, dst, names)
+    save_full_as_sharded(ckpt, dst, names)
     print(f"wrote {dst} ({len(ckpt['model'])} model tensors{', optimizer state' if names else ''})")
 
 

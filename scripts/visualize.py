@@ -35,7 +35,7 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from engine.checkpoint import load_model_weights, recorded_args  # noqa: E402
+from engine.checkpoint import load_model_weights, matching_model, read_checkpoint, recorded_args  # noqa: E402
 from engine.model_factory import build_model  # noqa: E402
 from engine.pretrain_model import decoder_kwargs  # noqa: E402
 from engine.visualize import (  # noqa: E402
@@ -48,7 +48,6 @@ from engine.visualize import (  # noqa: E402
     render_grid,
     take,
 )
-from engine.weights_io import matching_model, read_weights  # noqa: E402
 from models.state_dict import checkpoint_kind, has_decoder, trained_input_size  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -169,7 +168,7 @@ def main(args) -> None:
     check_images(paths)
 
     # also a sharded directory (--dist_strategy fsdp, gathered here), transformers / timm folders, safetensors
-    ckpt = read_weights(args.checkpoint, "--checkpoint")
+    ckpt = read_checkpoint(args.checkpoint, "--checkpoint")
     model, name, train_size = model_from_checkpoint(args, ckpt, device)
     size = args.input_size or train_size
     if size % model.patch_size:

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt_lib
-from engine.checkpoint import LAST, PREV, UNREADABLE_SUFFIX, Checkpointer, find_resume_checkpoint
+from engine.checkpoint import FILE_LAST as LAST
+from engine.checkpoint import FILE_PREV as PREV
+from engine.checkpoint import UNREADABLE_SUFFIX, make_checkpointer, plain_args
+from engine.distributed import DDPStrategy
 
 from conftest import MINI, assert_ok, pretrain
 
@@ -30,7 +33,12 @@ def checkpointer(out, unreadable=()):
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     args = Namespace(model="linear", resume="", no_auto_resume=False, output_dir=str(out))
-    return Checkpointer(str(out), model, optimizer, scaler, args, unreadable=unreadable), args
+    return make_checkpointer(DDPStrategy(), str(out), model, optimizer, scaler, plain_args(args),
+                             unreadable=unreadable), args
+
+
+def find_resume(args, unreadable):
+    return ckpt_lib.find_resume_checkpoint(args.resume, args.output_dir, not args.no_auto_resume, False, unreadable)
 
 
 def position(path):
@@ -46,7 +54,7 @@ def test_unreadable_checkpoints_are_set_aside_not_rotated(tmp_path, broken):
     bad = {name: corrupt(tmp_path / name) for name in broken}
 
     unreadable = []
-    found = find_resume_checkpoint(args, unreadable)
+    found = find_resume(args, unreadable)
     expected = "checkpoint-0.pth" if PREV in broken else PREV
     assert found["_path"] == str(tmp_path / expected)
     assert unreadable == [str(tmp_path / name) for name in broken]
@@ -69,7 +77,7 @@ def test_broken_last_that_cannot_be_moved_is_not_rotated(tmp_path, monkeypatch):
     ck.save(0, 2, 2, 8)
     corrupt(tmp_path / LAST)
     unreadable = []
-    find_resume_checkpoint(args, unreadable)
+    find_resume(args, unreadable)
     real_replace = os.replace
 
     def no_renaming_aside(src, dst):

@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-import main_finetune
-import main_pretrain
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
 from engine.config import resolve
 from engine.pretrain import PretrainRecipe
 from util.dist import LaunchEnv
 
+import main_finetune
+import main_pretrain
 from conftest import MINI
 
 SINGLE = LaunchEnv(rank=0, world_size=1, local_rank=0, dist_url=None)
@@ -70,7 +70,7 @@ def test_classification_pooling_default_is_resolved():
 def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes, tmp_path):
     """The whole run in this process: args after the run equals args as parsed."""
     out = tmp_path / "pt"
-    args = parse(main_pretrain, [*MINI, "--data_path", photos.parent.parent, "--batch_size", 7, "--epochs", 1,
+    args = parse(main_pretrain, [*MINI, "--data_path", photos, "--batch_size", 7, "--epochs", 1,
                                  "--output_dir", out, "--device", "cpu", "--accum_iter", 2, "--save_every_steps", 2])
     parsed = copy.deepcopy(vars(args))
     pretrain_engine.main(args)

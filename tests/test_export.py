@@ -11,9 +11,9 @@ import torch
 
 import models
 from engine.checkpoint import load_pretrained_encoder
-from engine.linprobe import make_linear_probe
+from engine.checkpoint import read_checkpoint as read_weights
 from engine.interop.export import load_source, write_official, write_timm, write_transformers
-from engine.weights_io import read_weights
+from engine.linprobe import make_linear_probe
 from models.mae import MaskedAutoencoderViT
 
 from conftest import MINI, REPO, assert_ok, cli_env, one_line_error, pretrain, run_main
@@ -238,6 +238,7 @@ def test_pretraining_resumes_weights_of_a_transformers_folder(run, mae, tmp_path
     """main_pretrain.py --resume FOLDER: the weights (and the decoder sizes, norm_pix_loss) of a
     ViTMAEForPreTraining folder, no optimizer state: as for official checkpoints."""
     from engine.checkpoint import find_resume_checkpoint, resume
+    from engine.distributed import DDPStrategy
     from engine.pretrain_model import build_pretrain_model
 
     import main_pretrain
@@ -245,16 +246,17 @@ def test_pretraining_resumes_weights_of_a_transformers_folder(run, mae, tmp_path
     args = main_pretrain.get_args_parser().parse_args(["--model", "mae_vit_mini_patch16", "--input_size", "64",
                                                        "--norm_pix_loss", "--resume", str(tmp_path / "hf"),
                                                        "--output_dir", ""])
-    found = find_resume_checkpoint(args)
+    found = find_resume_checkpoint(args.resume, args.output_dir, not args.no_auto_resume, False)
     model = build_pretrain_model(args, found)
     assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == (64, 2, 4)
-    pos = resume(found, model, None, None, args)
+    pos = resume(found, model, None, None, DDPStrategy(), start_epoch=args.start_epoch, model_name=args.model,
+                 explicit=bool(args.resume))
     assert (pos.epoch, pos.samples_in_epoch) == (0, 0)
     assert all(torch.equal(v, mae.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_bad_weight_sources_are_one_line(run, photos, tmp_path):
-    from engine.weights_io import check_weights_source
+    from engine.interop.foreign_weights import check_weights_source
     from util.errors import UserError
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text(json.dumps({"model_type": "bert"}))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_resume import run_and_kill
 
+from engine.checkpoint import load_full
 from engine.data.sampler import ResumableSampler
-from engine.dcp_checkpoint import load_full
 
 from conftest import MINI, REPO, assert_ok, cli_env, pretrain, run_main
 

@@ -10,13 +10,15 @@ import errno
 import os
 import shutil
 import subprocess
-from argparse import Namespace
 
 import pytest
 import torch
 
 from engine import pretrain as pretrain_engine
-from engine.checkpoint import LAST, PREV, Checkpointer
+from engine.checkpoint import FILE_LAST as LAST
+from engine.checkpoint import FILE_PREV as PREV
+from engine.checkpoint import make_checkpointer
+from engine.distributed import DDPStrategy
 from util import checkpoint_io
 from util.errors import UserError
 
@@ -133,7 +135,7 @@ def checkpointer(out):
     model = torch.nn.Linear(64, 64)
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return Checkpointer(str(out), model, optimizer, scaler, Namespace(model="linear"))
+    return make_checkpointer(DDPStrategy(), str(out), model, optimizer, scaler, {"model": "linear"})
 
 
 def full_disk_save(written: int):

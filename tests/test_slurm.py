@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.dcp_checkpoint import load_full
+from engine.checkpoint import load_full
 
 from conftest import MINI, REPO, assert_ok, cli_env, make_image_folder, pretrain
 

@@ -26,7 +26,7 @@ from models.vit import VisionTransformer, fold_probe_head
 from util.checkpoint_io import atomic_save
 from util.errors import UserError
 
-from ..weights_io import matching_model, read_weights
+from ..checkpoint import matching_model, read_checkpoint
 
 FORMAT_TAG = "mae-export"  # the safetensors metadata 'format_source' of our files
 EVAL_CROP_PCT = 0.875       # the official evaluation transform: resize to size / 0.875, center crop
@@ -110,9 +110,9 @@ class Source:
 
 
 def load_source(path: str, model_name: Optional[str] = None) -> Source:
-    """The checkpoint at `path` (any source read_weights takes) with its architecture; model_name
+    """The checkpoint at `path` (any source read_checkpoint takes) with its architecture; model_name
     (--model) for files that do not record it and cannot be told apart by their shapes."""
-    ckpt = read_weights(path, "--checkpoint")
+    ckpt = read_checkpoint(path, "--checkpoint")
     state = ckpt.get("model")
     if not isinstance(state, dict) or not state:
         raise UserError(f"--checkpoint {path} holds no model weights (no 'model' entry)")

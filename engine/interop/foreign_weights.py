@@ -1,22 +1,22 @@
-"""Weights from anywhere, as a checkpoint of ours: the one hook through which --finetune, --resume
-(weights only) and scripts/visualize.py read a weight source other than our own .pth files.
+"""Weights of other libraries as a checkpoint of ours: transformers and timm folders, .safetensors
+files, and torch files of any origin (ours, official, timm's, a transformers pytorch_model.bin).
+engine/checkpoint/reader.py is the one door: it sends every source that is not a sharded
+checkpoint directory here.
 
-    ckpt = read_weights(path, "--finetune")   # {'model': state dict in the official layout, 'args': ...}
-
-Sources: a torch checkpoint (ours, official, timm's, a transformers pytorch_model.bin), a .safetensors
-file, a transformers folder (config.json with model_type vit_mae / vit, model.safetensors or
+Sources: a transformers folder (config.json with model_type vit_mae / vit, model.safetensors or
 pytorch_model.bin) and a timm folder (config.json with 'architecture', the hub layout our export
 writes too). Keys are converted by the maps of models/mae.py; what the source tells of its
 architecture goes into 'args' (model, input_size, norm_pix_loss, decoder sizes), so the callers'
 messages and the decoder reconstruction work as for our own checkpoints. Every bad source is one
 line (CheckpointError, exit 2).
 """
-import argparse
 import json
 import os
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from models.mae import from_hf_state_dict, from_timm_state_dict, is_hf_state_dict
 from util.checkpoint_io import CheckpointError, check_checkpoint_file, load_checkpoint_file, os_error_text
@@ -61,8 +61,6 @@ def check_safetensors_file(path: str, flag: Optional[str] = None) -> dict:
 
 def _load_safetensors(path: str, flag: Optional[str]):
     """(tensors, metadata) of a safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     header = check_safetensors_file(path, flag)
     try:
         return load_file(path, device="cpu"), header.get("__metadata__") or {}
@@ -110,7 +108,7 @@ def _folder_format(path: str, flag: Optional[str]):
 
 
 def check_weights_source(path: str, flag: Optional[str] = None) -> None:
-    """The cheap checks of read_weights (preflight): the path exists and is a supported source."""
+    """The cheap checks of read_weight_source (preflight): the path exists and is a supported source."""
     if os.path.isdir(path):
         _, files = _folder_format(path, flag)
         for file in files:
@@ -184,15 +182,12 @@ def _our_layout(state: dict, path: str, flag: Optional[str]) -> dict:
     return from_timm_state_dict(tensors)
 
 
-def read_weights(path: str, flag: Optional[str] = None) -> dict:
-    """Any supported weight source as a checkpoint dict of ours: 'model' holds the state dict in the
-    official layout; a torch checkpoint keeps its other entries (optimizer, epoch, args: our own
-    checkpoints resume fully), the other sources have 'args' (what they tell of the architecture)
-    and '_format' (e.g. 'transformers ViTMAEForPreTraining', for messages). A sharded checkpoint
-    directory (--dist_strategy fsdp) is gathered into the single-file format."""
-    from . import dcp_checkpoint
-    if dcp_checkpoint.is_sharded(path):
-        return dcp_checkpoint.load_full(path, flag)
+def read_weight_source(path: str, flag: Optional[str] = None) -> dict:
+    """A weight source other than a sharded checkpoint directory as a checkpoint dict of ours: 'model'
+    holds the state dict in the official layout; a torch checkpoint keeps its other entries
+    (optimizer, epoch, args: our own checkpoints resume fully), the other sources have 'args' (what
+    they tell of the architecture) and '_format' (e.g. 'transformers ViTMAEForPreTraining', for
+    messages)."""
     if os.path.isdir(path):
         return _read_folder(path, flag)
     if os.path.isfile(path) and is_safetensors(path):
@@ -210,71 +205,3 @@ def read_weights(path: str, flag: Optional[str] = None) -> dict:
     foreign = "transformers" if is_hf_state_dict(state) else "timm" if key in ("state_dict", "state_dict_ema") else ""
     out = {**(ckpt if key is not None else {}), "model": _our_layout(state, path, flag)}
     return {**out, "_format": foreign} if foreign else out
-
-
-def describe_vit(state: dict) -> str:
-    """'ViT width 768, 12 blocks, patch 16': the encoder of a plain-ViT state dict ('' when it is not one)."""
-    proj = state.get("patch_embed.proj.weight")
-    if proj is None or proj.dim() != 4 or "cls_token" not in state or "blocks.0.norm1.weight" not in state:
-        return ""  # not a plain ViT (MixMIM's stages, ...): the key-by-key report of the caller applies
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    return f"ViT width {proj.shape[0]}, {depth} blocks, patch {proj.shape[-1]}"
-
-
-def check_architecture(own: dict, ckpt: dict, path: str, flag: str, model_name: Optional[str]) -> None:
-    """One line naming both architectures when the weights are of another ViT than the model
-    (`own`: the model's state dict): width, depth or patch size differ."""
-    state = ckpt.get("model", {})
-    have, want = describe_vit(state), describe_vit(own)
-    if not have or not want or have == want:
-        return
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    name = args.get("model") or args.get("timm_architecture") or ckpt.get("_format")
-    theirs = f"{name} ({have})" if name else have
-    ours = f"--model {model_name} ({want})" if model_name else f"this model ({want})"
-    fix = "pass the --model of those weights"
-    if name and model_name:
-        from models import registry
-        task = registry.model_task(model_name)
-        for candidate in (name, name[len("mae_"):] if name.startswith("mae_") else "mae_" + name):
-            if candidate != model_name and set(task) & set(registry.model_task(candidate)):
-                fix = f"pass --model {candidate}"
-                break
-    raise CheckpointError(f"{_named(path, flag)} holds the weights of {theirs}, not of {ours}: {fix}, or give "
-                          "weights of this architecture")
-
-
-def matching_model(state: dict, task: str, num_heads: Optional[int] = None,
-                   prefer: tuple = ()) -> Optional[str]:
-    """The first model name (`prefer` first, then the registered ones) of `task` whose state dict has
-    the keys and shapes of `state` (and num_heads attention heads, when known): the architecture of
-    a file that does not record it (official release files, transformers and timm folders)."""
-    from models import registry
-    from models.state_dict import trained_input_size, without_decoder
-    size = trained_input_size(state) or 224
-    wanted = state if task == "pretrain" else without_decoder(state)
-    for name in list(prefer) + registry.list_models(task=task):
-        try:
-            with torch.device("meta"):
-                model = registry.create_model(name, task, img_size=size, **_decoder_of(state, task))
-        except (ValueError, TypeError, RuntimeError):
-            continue
-        own = model.state_dict()
-        heads = getattr(getattr(getattr(model, "blocks", [None])[0], "attn", None), "num_heads", None)
-        if num_heads is not None and heads != num_heads:
-            continue
-        keys = [k for k in own if task == "pretrain" or not k.startswith(("head.", "fc_norm."))]
-        if all(k in wanted and wanted[k].shape == own[k].shape for k in keys) and \
-                all(k in own for k in wanted if not k.startswith(("head.", "fc_norm.", "norm."))):
-            return name
-    return None
-
-
-def _decoder_of(state: dict, task: str) -> dict:
-    """The decoder sizes a pretraining state dict shows (its heads are not in the shapes: the
-    model's own, so a non-default head count needs the recorded args)."""
-    if task != "pretrain" or "decoder_embed.weight" not in state:
-        return {}
-    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
-    return {"decoder_embed_dim": state["decoder_embed.weight"].shape[0], "decoder_depth": depth}
