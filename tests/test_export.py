@@ -239,6 +239,7 @@ def test_pretraining_resumes_weights_of_a_transformers_folder(run, mae, tmp_path
     ViTMAEForPreTraining folder, no optimizer state: as for official checkpoints."""
     from engine.checkpoint import find_resume_checkpoint, resume
     from engine.distributed import DDPStrategy
+    from engine.pretrain import PretrainRecipe
     from engine.pretrain_model import build_pretrain_model
 
     import main_pretrain
@@ -247,8 +248,9 @@ def test_pretraining_resumes_weights_of_a_transformers_folder(run, mae, tmp_path
                                                        "--norm_pix_loss", "--resume", str(tmp_path / "hf"),
                                                        "--output_dir", ""])
     found = find_resume_checkpoint(args.resume, args.output_dir, not args.no_auto_resume, False)
-    model = build_pretrain_model(args, found)
-    assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == (64, 2, 4)
+    decoder = PretrainRecipe.model_facts(args, None, found)["decoder"]
+    assert decoder == dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
+    model = build_pretrain_model(args.model, args.input_size, args.norm_pix_loss, decoder=decoder)
     pos = resume(found, model, None, None, DDPStrategy(), start_epoch=args.start_epoch, model_name=args.model,
                  explicit=bool(args.resume))
     assert (pos.epoch, pos.samples_in_epoch) == (0, 0)

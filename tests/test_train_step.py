@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from engine.checkpoint import LAST, Checkpointer
+from engine.checkpoint import FILE_LAST as LAST
+from engine.checkpoint import make_checkpointer
 from engine.distributed import DDPStrategy, unwrap
 from engine.lr_sched import LrSchedule, lr_at
 from engine.trainer import NonFiniteWatch, TrainingRun, train_one_epoch, train_step
@@ -258,8 +259,7 @@ def test_checkpoint_holds_the_plain_module_state_whatever_the_wrapper(tmp_path):
         assert unwrap(ddp) is model and DDPStrategy.module(ddp) is model
         for name, wrapped in (("compiled", compiled), ("ddp", ddp)):
             out = tmp_path / name
-            Checkpointer(str(out), wrapped, optimizer, scaler, Namespace(model="seq"), strategy=DDPStrategy()).save(
-                0, 1, 1, 4)
+            make_checkpointer(DDPStrategy(), str(out), wrapped, optimizer, scaler, {"model": "seq"}).save(0, 1, 1, 4)
             saved = torch.load(out / LAST, weights_only=True)["model"]
             assert list(saved) == list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
             assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
