@@ -119,8 +119,9 @@ def run(recipe: Recipe, args) -> None:
     _log_lr(cfg)
     optimizer = recipe.optimizer(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    log.info("Optimizer: %s, autocast: %s, strategy: %s", type(optimizer).__name__, amp_dtype or "off (fp32)",
-             strategy.name)
+    fused = " (fused)" if optimizer.defaults.get("fused") else ""
+    log.info("Optimizer: %s%s, autocast: %s, strategy: %s", type(optimizer).__name__, fused,
+             amp_dtype or "off (fp32)", strategy.name)
     pos = resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
                  model_name=cfg.model.model, explicit=bool(cfg.checkpoint.resume))
     if already_finished(pos, cfg.optim.epochs, found):
