@@ -1,5 +1,5 @@
 """Integration tests against a real SLURM cluster of two emulated nodes with one fake GPU each
-(scripts/slurm/local_cluster.sh).
+(tests/slurm/local_cluster.sh).
 
 Skipped, with the reason, where the cluster cannot be started (not root, no apt-get).
 Every wait is bounded: without accounting, submitit cannot always tell a job's state.
@@ -19,7 +19,7 @@ from engine.dcp_checkpoint import load_full
 
 from conftest import MINI, REPO, assert_ok, cli_env, make_image_folder, pretrain
 
-CLUSTER = ["bash", str(REPO / "scripts" / "slurm" / "local_cluster.sh")]
+CLUSTER = ["bash", str(REPO / "tests" / "slurm" / "local_cluster.sh")]
 CLUSTER_ENV = dict(MAE_SLURM_NODES="2", MAE_SLURM_GPUS="1")
 
 
