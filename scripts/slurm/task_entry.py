@@ -17,10 +17,8 @@ submitit.core._submit FOLDER`); scripts/pretrain.sbatch runs main_pretrain.py th
 import os
 import sys
 
-# Nothing else may run before the recorder is in place. In place of this script's folder:
-# the repository, for engine.launch.preemption (light: no torch).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.launch.preemption import record_early, watch_time_limit  # noqa: E402
+# Nothing else may run before the recorder is in place (engine.launch.preemption is light: no torch).
+from engine.launch.preemption import record_early, watch_time_limit
 
 record_early()
 
