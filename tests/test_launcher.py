@@ -338,7 +338,7 @@ def test_task_entry_gives_up_after_half_the_signal_delay(tmp_path):
 
 
 def test_tasks_unpickle_the_trainer_without_importing_torch():
-    """submitit unpickles the Trainer before it installs any signal handler; torch takes seconds."""
+    """submitit unpickles the SlurmTask before it installs any signal handler; torch takes seconds."""
     proc = run_python("import sys\nimport engine.launch.slurm, engine.launch.preemption\nprint('torch' in sys.modules)")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
@@ -362,13 +362,13 @@ def test_trainer_task_errors_are_one_line(capsys, monkeypatch, clean_signals, en
                            SLURM_JOB_NODELIST="node[1-2]", SLURMD_NODENAME="node1", CUDA_VISIBLE_DEVICES="0").items():
         monkeypatch.setenv(var, value)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        # Trainer sets them. setenv first, so that monkeypatch removes them again after the test: a
+        # SlurmTask sets them. setenv first, so that monkeypatch removes them again after the test: a
         # MASTER_ADDR=node1 left in this process's environment would reach later tests' processes.
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     args = argparse.Namespace(output_dir="/o/%j", log_dir="", signal_delay_s=0, port=None)
     with pytest.raises(SystemExit) as e:
-        slurm_launch.Trainer(entry, args)()
+        slurm_launch.SlurmTask(entry, args)()
     out = capsys.readouterr()
     assert e.value.code == code and out.err.strip() == line
     assert "job 5: task 0/2 on node1 (CUDA_VISIBLE_DEVICES=0), requeued 0 time(s) so far" in out.out
