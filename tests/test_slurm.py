@@ -52,8 +52,9 @@ def _pause(rank):
     open(os.path.join(os.environ["MAE_TEST_PAUSE_DIR"], f"ready-{rank}"), "w").close()
     deadline = time.time() + 120
     while time.time() < deadline:
-        early = getattr(sys.modules.get("engine.launch.preemption"), "early_signal", None)
-        if early is not None and early() is not None:
+        # The recorder's state, read without taking the signal over (StopRequest.install would).
+        early = getattr(sys.modules.get("engine.launch.preemption"), "_early", None)
+        if early is not None and early.signum is not None:
             return
         time.sleep(0.05)
 
@@ -91,7 +92,8 @@ def pause_env(tmp_path: Path, spec: str) -> dict:
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(PAUSE_HOOK)
-    return dict(PYTHONPATH=str(hook_dir), MAE_TEST_PAUSE=spec, MAE_TEST_PAUSE_DIR=str(hook_dir))
+    path = os.pathsep.join([str(hook_dir)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(PYTHONPATH=path, MAE_TEST_PAUSE=spec, MAE_TEST_PAUSE_DIR=str(hook_dir))
 
 
 def wait_ready(tmp_path: Path, ranks, folder: Path):
