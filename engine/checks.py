@@ -12,7 +12,7 @@ from util.checkpoint_io import os_error_text
 from util.errors import UserError
 
 from .checkpoint import is_sharded, problem
-from .interop.foreign_weights import check_weights_source
+from .checkpoint.foreign import check_weights_source
 
 
 def warn(message: str) -> None:
@@ -130,7 +130,7 @@ def check_resume_file(args) -> None:
 
 def check_checkpoint_path(path: str, flag: str) -> None:
     """A checkpoint file, a complete sharded checkpoint directory (engine/checkpoint/dcp.py), or the
-    weights of transformers, timm or safetensors (engine/interop/foreign_weights.py)."""
+    weights of transformers, timm or safetensors (engine/checkpoint/foreign.py)."""
     if is_sharded(path):
         why = problem(path)
         if why:

@@ -116,20 +116,16 @@ class FSDPStrategy:
 
     Precision: the master weights, gradients and AdamW state stay fp32, and --amp bf16 runs the
     forward under autocast as the DDP path does, not with MixedPrecisionPolicy(param_dtype=bf16):
-    measured against DDP + autocast (mae_vit_mini_patch16, 2 gloo processes, 5 AdamW steps at lr
-    1e-3, 2026-12-02), FSDP + autocast gives bit-identical weights (max abs diff 0.0), while
-    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), which also runs LayerNorm, the
-    softmax and the loss on bf16 weights, ends 8.3e-3 away, more than bf16 autocast itself moves
-    the weights from fp32 (4.7e-3). The cost is an fp32 all-gather (twice the bytes of a bf16
-    one). mp_policy is there for such measurements; the CLIs leave it None.
+    measured, autocast gives DDP's weights bit for bit while the policy drifts further than bf16
+    itself, at the cost of an fp32 all-gather (docs/benchmarks.md, "FSDP precision").
     """
     name = "fsdp"
     sharded = True  # checkpoints are directories written by every rank (engine/checkpoint/dcp.py)
 
     def __init__(self, device: Optional[torch.device] = None, compile: bool = False, grad_ckpt: bool = False,
-                 shard_size: int = 0, mp_policy=None):
+                 shard_size: int = 0):
         self.device, self.compile, self.grad_ckpt = device, compile, grad_ckpt
-        self.shard_size, self.mp_policy = shard_size, mp_policy
+        self.shard_size = shard_size
         self._mesh = None
 
     @classmethod
@@ -174,12 +170,9 @@ class FSDPStrategy:
         if self.compile:
             for unit in units:
                 unit.compile()
-        kwargs = {"mesh": self.mesh}
-        if self.mp_policy is not None:
-            kwargs["mp_policy"] = self.mp_policy
         for unit in units:
-            fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)
+            fully_shard(unit, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
 
     def build(self, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """make() on the meta device, sharded, each rank's shards materialised on the device with

@@ -47,9 +47,9 @@ class MaskedImageModel:
                           the factory accepts range_mask_ratio (a random extra ratio per batch)
       plain_vit_mae       the official models_mae layout: plain ViT encoder and decoder over a
                           class token and the patches (patch_embed, blocks, decoder_embed,
-                          decoder_blocks, decoder_pred). scripts/flops.py counts its FLOPs
+                          decoder_blocks, decoder_pred). benchmarks/flops.py counts its FLOPs
                           analytically, and transformers' ViTMAEForPreTraining is its peer
-                          (scripts/benchmark.py --peer)
+                          (benchmarks/benchmark.py --peer)
     """
     default_mask_ratio: float
     mixes_images: bool = False

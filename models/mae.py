@@ -286,7 +286,7 @@ mae_vit_huge_patch14 = register_model(mae_vit_huge_patch14_dec512d8b, "mae_vit_h
 # fc_norm and head), which is why timm loads the official release files directly. transformers names
 # the same tensors otherwise and splits qkv; these maps are the one place that knows its names (timm's
 # checkpoint_filter_fn style), used by the export (engine/interop/export.py) and every import
-# (engine/interop/foreign_weights.py). The transformers names are those of its hub files (the 4.x module names, which
+# (engine/checkpoint/foreign.py). The transformers names are those of its hub files (the 4.x module names, which
 # transformers 5 renames on load), so that one file serves every transformers version.
 HF_BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}

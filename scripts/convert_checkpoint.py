@@ -17,27 +17,22 @@ A file -> directory conversion names the optimizer's parameters by rebuilding th
 record, or whose groups do not match, converts its weights only (a run resuming it starts
 training afresh from them), which is said in one line.
 """
+import argparse
 import os
 import sys
+from typing import List, Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
+from timm.optim import param_groups_weight_decay
 
-import argparse  # noqa: E402
-from typing import List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-from timm.optim import param_groups_weight_decay  # noqa: E402
-
-from engine.checkpoint import is_sharded, read_checkpoint, recorded_args, save_full_as_sharded  # noqa: E402
-from engine.model_factory import build_model  # noqa: E402
-from engine.optim import param_groups_lrd  # noqa: E402
-from engine.pretrain_model import decoder_kwargs  # noqa: E402
-from models.state_dict import checkpoint_kind  # noqa: E402
-from util.checkpoint_io import atomic_save  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from engine.checkpoint import is_sharded, read_checkpoint, recorded_args, save_full_as_sharded
+from engine.model_factory import build_model
+from engine.optim import param_groups_lrd
+from engine.pretrain_model import decoder_kwargs
+from models.state_dict import checkpoint_kind
+from util.checkpoint_io import atomic_save
+from util.cli import run_cli
+from util.errors import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -12,21 +12,15 @@ weights, ViTForImageClassification for a class-token classifier and BeitForImage
 (configured as a plain ViT with mean pooling) for a --global_pool one. official: mae_pretrain_*.pth
 (encoder) and mae_visualize_*.pth (encoder and decoder), or mae_finetuned_*.pth.
 """
+import argparse
 import os
 import sys
 
-# scripts/ is not a package: make the repo root importable when run as `python scripts/...`.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import argparse  # noqa: E402
-
-import models  # noqa: E402, F401  (registers the model families)
-from engine.interop.export import WRITERS, load_source  # noqa: E402
-from engine.interop.model_card import write_model_card  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+import models  # noqa: F401  (registers the model families)
+from engine.interop.export import WRITERS, load_source
+from engine.interop.model_card import write_model_card
+from util.cli import run_cli
+from util.errors import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -19,26 +19,21 @@ takes them as options, so no tar writing of our own). Images that are neither JP
 --check reads every shard back through the training reader and compares it, sample by sample,
 with the source: count, label, and the image bytes (decoded pixels for re-encoded images).
 """
+import argparse
+import glob
+import io
+import json
 import os
 import sys
+from typing import List, Optional, Tuple
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import numpy as np
+from PIL import Image
 
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-from typing import List, Optional, Tuple  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from engine.data import DATA_FORMATS, open_source  # noqa: E402
-from engine.data.shards import CLASSES_FILE, SHARD_INDEX, expand_pattern  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from engine.data import DATA_FORMATS, open_source
+from engine.data.shards import CLASSES_FILE, SHARD_INDEX, expand_pattern
+from util.cli import run_cli
+from util.errors import UserError
 
 SPLITS = ("train", "val")
 

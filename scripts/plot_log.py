@@ -9,20 +9,14 @@ subplot (value vs epoch) with one line per run, labelled by the run's folder nam
 epoch appears more than once (a run restarted in the same folder), its last record counts. A
 last line cut short (a run killed while writing it) is skipped.
 """
+import argparse
+import json
 import os
 import sys
+from typing import Dict, List, Tuple
 
-# scripts/ is not a package: make the repo root importable when run as `python scripts/...`.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import Dict, List, Tuple  # noqa: E402
-
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.cli import run_cli
+from util.errors import UserError
 
 FIG_WIDTH_IN, SUBPLOT_HEIGHT_IN, DPI = 7.0, 2.8, 100
 

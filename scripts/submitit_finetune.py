@@ -4,14 +4,11 @@
     python scripts/submitit_finetune.py --nodes 8 --ngpus 8 --partition gpu [main_finetune.py flags]
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.launch.slurm import launch
 
-from engine.launch.slurm import launch  # noqa: E402
-
-import main_finetune  # noqa: E402
+import main_finetune
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE fine-tuning", parents=[main_finetune.get_args_parser()])

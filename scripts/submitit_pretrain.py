@@ -4,14 +4,11 @@
     python scripts/submitit_pretrain.py --nodes 8 --ngpus 8 --partition gpu [main_pretrain.py flags]
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.launch.slurm import launch
 
-from engine.launch.slurm import launch  # noqa: E402
-
-import main_pretrain  # noqa: E402
+import main_pretrain
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Submitit for MAE pretraining", parents=[main_pretrain.get_args_parser()])

@@ -22,23 +22,17 @@ The masks are deterministic: every image's noise comes from a torch.Generator se
 --seed, so an image gets the same mask whatever other images are given, and the masks of
 several --mask_ratio values are nested (a lower ratio removes a subset of the patches).
 """
+import argparse
 import os
 import sys
 
-# scripts/ is not a package: make the repo root importable when run as `python scripts/...`.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-
-import models  # noqa: E402
-from engine.checkpoint import load_model_weights, matching_model, read_checkpoint, recorded_args  # noqa: E402
-from engine.model_factory import build_model  # noqa: E402
-from engine.pretrain_model import decoder_kwargs  # noqa: E402
-from engine.visualize import (  # noqa: E402
+import models
+from engine.checkpoint import load_model_weights, matching_model, read_checkpoint, recorded_args
+from engine.model_factory import build_model
+from engine.pretrain_model import decoder_kwargs
+from engine.visualize import (
     cat_results,
     check_images,
     find_images,
@@ -48,9 +42,9 @@ from engine.visualize import (  # noqa: E402
     render_grid,
     take,
 )
-from models.state_dict import checkpoint_kind, has_decoder, trained_input_size  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from models.state_dict import checkpoint_kind, has_decoder, trained_input_size
+from util.cli import run_cli
+from util.errors import UserError
 
 BATCH = 8  # images per forward pass
 FULL_CHECKPOINT_HINT = "use a full checkpoint such as mae_visualize_vit_large.pth or a checkpoint of this repo"

@@ -11,6 +11,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "sample" / "train" / "photos"
 
+# scripts/ and benchmarks/ import the project as installed (pip install -e .); the tests run from a clone,
+# so the processes they start (CLIs, SLURM jobs) find it where an editable install would put it.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
 # A model and input size that make a CLI run take seconds on a 2-core CPU.
 MINI = ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--num_workers", "0",
         "--warmup_epochs", "1", "--log_dir", ""]
@@ -78,6 +82,6 @@ def copy_tree(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def two_classes(tmp_path_factory) -> Path:
     """Colour vs grayscale crops of the bundled photos; 41 val images."""
-    from make_sample_dataset import make_classification_set
+    from scripts.make_sample_dataset import make_classification_set
 
     return make_classification_set(tmp_path_factory.mktemp("two_classes"), task="color")

@@ -1,15 +1,10 @@
 """The same images as an ImageFolder, as WebDataset shards and as a Hugging Face dataset."""
-import sys
 from pathlib import Path
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def as_shards(folder: Path, out: Path, max_per_shard: int = 4, splits=None) -> Path:
     """scripts/make_shards.py of the folder (train, and val when it has one)."""
-    import make_shards
+    from scripts import make_shards
 
     argv = ["--data_path", str(folder), "--out", str(out), "--max_per_shard", str(max_per_shard)]
     make_shards.main(make_shards.get_args_parser().parse_args(argv + (["--splits", *splits] if splits else [])))

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs and reports consistent fields (not a timing test)."""
+"""benchmarks/benchmark.py (python -m benchmarks.benchmark) runs and reports consistent fields (not a timing test)."""
 import json
 import subprocess
 import sys
@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import models
+from benchmarks.flops import counted_forward_flops, mae_forward_flops_per_image, mae_train_flops
 
 from conftest import REPO, cli_env
-from flops import counted_forward_flops, mae_forward_flops_per_image, mae_train_flops
 
 
 def bench(tmp_path, *flags):
     out = tmp_path / "bm.json"
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", *map(str, flags), "--json", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", *map(str, flags), "--json", str(out)], cwd=REPO,
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text()), proc.stdout
@@ -42,7 +42,7 @@ def test_step_benchmark_with_peer_and_real_data(tmp_path, photos):
 
 def test_peer_has_our_parameter_count():
     """The peer is the same model: same number of trainable parameters."""
-    from benchmark import peer_model
+    from benchmarks.step import peer_model
 
     ours = models.create_model("mae_vit_base_patch16", "pretrain")
     peer = peer_model(ours)
@@ -60,7 +60,7 @@ def test_loader_benchmark_compares_pipelines(tmp_path):
 
 
 def test_loader_mode_needs_a_folder(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--mode", "loader"], cwd=REPO, env=cli_env(),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--mode", "loader"], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --mode loader needs --data_path (a folder with train/<class>/*.jpg, e.g. data/sample)")
@@ -91,6 +91,6 @@ def test_step_benchmark_of_mixmim_counts_flops_with_torch(tmp_path):
     counted = counted_forward_flops(model, torch.randn(4, 3, 64, 64), 0.5)
     assert counted["aten.bmm"] > 0  # the window attention is in the count
     assert row["gflop_per_step"] == pytest.approx(3 * sum(counted.values()) / 1e9)
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--model", "mixmim_mini", "--input_size", "64",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--model", "mixmim_mini", "--input_size", "64",
                            "--peer"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--peer: transformers has no MixMIM" in proc.stderr

@@ -159,7 +159,7 @@ def test_shard_order_is_independent_of_the_world_size_and_resumes_on_another():
 
 # ----------------------------------------------------------------------------- make_shards
 def test_make_shards_is_deterministic_and_checks_round_trips(two_classes, tmp_path, capsys):
-    import make_shards
+    from scripts import make_shards
 
     a, b = as_shards(two_classes, tmp_path / "a", 30), as_shards(two_classes, tmp_path / "b", 30)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -354,7 +354,7 @@ def test_hf_missing_column_label_and_empty_split(tiny, tmp_path):
 
 
 def test_shards_without_labels_or_samples(tiny, tmp_path):
-    import make_shards
+    from scripts import make_shards
 
     make_shards.main(make_shards.get_args_parser().parse_args(
         ["--data_path", str(tiny["folder"]), "--out", str(tmp_path / "nl"), "--no_labels"]))

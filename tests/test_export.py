@@ -217,7 +217,7 @@ def test_vit_b_timm_mae_weights_and_classifier_round_trip(tmp_path):
 
 def test_clis_take_foreign_weights(run, photos, tmp_path):
     """--finetune of a timm folder (linear probing), scripts/visualize.py of a transformers folder."""
-    from make_sample_dataset import make_classification_set
+    from scripts.make_sample_dataset import make_classification_set
     src = load_source(str(run / "checkpoint-last.pth"))
     write_timm(src, str(tmp_path / "timm"))
     write_transformers(src, str(tmp_path / "hf"))
@@ -258,7 +258,7 @@ def test_pretraining_resumes_weights_of_a_transformers_folder(run, mae, tmp_path
 
 
 def test_bad_weight_sources_are_one_line(run, photos, tmp_path):
-    from engine.interop.foreign_weights import check_weights_source
+    from engine.checkpoint.foreign import check_weights_source
     from util.errors import UserError
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text(json.dumps({"model_type": "bert"}))

@@ -1,5 +1,5 @@
-"""CUDA tests, run by the device check (scripts/gpu_check.py: `pytest -m gpu`, which also takes the
-CUDA cases of other files, e.g. tests/test_compile.py). Each skips without a GPU; the 2-GPU test
+"""CUDA tests, run by the device check (scripts/gpu_check.sh -> benchmarks/gpu_check.py: `pytest -m gpu`,
+which also takes the CUDA cases of other files, e.g. tests/test_compile.py). Each skips without a GPU; the 2-GPU test
 also without a second one.
 
 What only a GPU proves: autocast numerics (bf16 and fp16) against fp32, the fp16 gradient

@@ -1,4 +1,4 @@
-"""The device check's CPU mode: every stage of scripts/gpu_check.py runs where no GPU is lent,
+"""The device check's CPU mode: every stage of benchmarks/gpu_check.py runs where no GPU is lent,
 so the script is known to work the moment one is."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ from conftest import REPO, cli_env
 
 
 def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu", "--out", str(tmp_path), "--images", "32"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(tmp_path), "--images", "32"],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -269,9 +269,10 @@ def test_signal_before_training_is_taken_over_by_stop_request(clean_signals):
     signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's install
     preemption.record_early()
     os.kill(os.getpid(), signal.SIGUSR2)
-    assert preemption.early_signal() == signal.SIGUSR2 and requeued == []
+    assert requeued == []
     stop = preemption.StopRequest().install()
-    assert stop.signum == signal.SIGUSR2 and preemption.early_signal() is None
+    assert stop.signum == signal.SIGUSR2
+    assert preemption.StopRequest().install().signum is None  # taken over once: a later install has no signal
     assert stop.agreed()
     with pytest.raises(preemption.Preempted):
         stop.stop("at epoch 0, iteration 1")
@@ -312,8 +313,8 @@ TASK_ENTRY = str(REPO / "scripts" / "slurm" / "task_entry.py")
 TARGET = ("import os, signal, sys, time\n"
           "os.kill(os.getpid(), signal.SIGUSR1)  # the target's first line: fatal unless recorded already\n"
           "from engine.launch import preemption\n"
-          "print(preemption.early_signal() == signal.SIGUSR1, sys.argv[1:], sys.path[0] == os.getcwd())\n"
-          "time.sleep(float(os.environ.get('TARGET_SLEEP', '0')))\n")
+          "time.sleep(float(os.environ.get('TARGET_SLEEP', '0')))  # a set-up before training starts\n"
+          "print(preemption.StopRequest().install().signum == signal.SIGUSR1, sys.argv[1:], sys.path[0] == os.getcwd())\n")
 
 
 @pytest.mark.parametrize("form", ["script", "module"])
@@ -337,8 +338,8 @@ def test_task_entry_gives_up_after_half_the_signal_delay(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith("error: nothing to run; usage: task_entry.py")
 
 
-def test_tasks_unpickle_the_trainer_without_importing_torch():
-    """submitit unpickles the Trainer before it installs any signal handler; torch takes seconds."""
+def test_tasks_unpickle_the_slurm_task_without_importing_torch():
+    """submitit unpickles the SlurmTask before it installs any signal handler; torch takes seconds."""
     proc = run_python("import sys\nimport engine.launch.slurm, engine.launch.preemption\nprint('torch' in sys.modules)")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
@@ -355,20 +356,20 @@ def stop_preempted(args):
     ("test_launcher:fail_with_user_error", 2, "error: --data_path /x does not exist: give a dataset folder"),
     ("test_launcher:stop_preempted", 75, "error: stopped by SIGUSR2 at epoch 0, iteration 1"),
 ])
-def test_trainer_task_errors_are_one_line(capsys, monkeypatch, clean_signals, entry, code, line):
+def test_slurm_task_errors_are_one_line(capsys, monkeypatch, clean_signals, entry, code, line):
     """A job's task ends with the CLI's one-line error and exit code, not a traceback."""
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     for var, value in dict(SLURM_JOB_ID="5", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0",
                            SLURM_JOB_NODELIST="node[1-2]", SLURMD_NODENAME="node1", CUDA_VISIBLE_DEVICES="0").items():
         monkeypatch.setenv(var, value)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        # Trainer sets them. setenv first, so that monkeypatch removes them again after the test: a
+        # SlurmTask sets them. setenv first, so that monkeypatch removes them again after the test: a
         # MASTER_ADDR=node1 left in this process's environment would reach later tests' processes.
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     args = argparse.Namespace(output_dir="/o/%j", log_dir="", signal_delay_s=0, port=None)
     with pytest.raises(SystemExit) as e:
-        slurm_launch.Trainer(entry, args)()
+        slurm_launch.SlurmTask(entry, args)()
     out = capsys.readouterr()
     assert e.value.code == code and out.err.strip() == line
     assert "job 5: task 0/2 on node1 (CUDA_VISIBLE_DEVICES=0), requeued 0 time(s) so far" in out.out
@@ -393,7 +394,7 @@ def test_time_limit_watch_signals_rank_0_itself(clean_signals, answers, signalle
     asked = iter(answers)
     preemption.watch_time_limit("12", 2, time_left=lambda job_id: next(asked)).join(timeout=30)
     time.sleep(0.1)  # the handler runs in the main thread
-    assert preemption.early_signal() == (signal.SIGUSR2 if signalled else None)
+    assert preemption.StopRequest().install().signum == (signal.SIGUSR2 if signalled else None)
 
 
 def test_task_entry_on_rank_0_acts_on_a_lost_time_limit_signal(fake_slurm, tmp_path):

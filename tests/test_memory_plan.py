@@ -1,4 +1,4 @@
-"""scripts/benchmark.py --mode plan (scripts/memory_plan.py): per-rank bytes measured on the sharded
+"""python -m benchmarks.benchmark --mode plan (benchmarks/memory_plan.py): per-rank bytes measured on the sharded
 tensors, the activation estimate's scaling, and the command's fields (not a timing test)."""
 import json
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import models
+from benchmarks import memory_plan
 from util.errors import UserError
 
-import memory_plan
 from conftest import REPO, cli_env
 
 
@@ -57,7 +57,7 @@ def test_activation_estimate_scales_one_block_to_the_depth():
 
 def test_plan_mode_reports_rows_that_add_up(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--mode", "plan", "--model", "mae_vit_mini_patch16",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--mode", "plan", "--model", "mae_vit_mini_patch16",
                            "--input_size", "64", "--batch_size", "8", "--world_size", "1", "4", "--dist_strategy",
                            "ddp", "fsdp", "--amp", "bf16", "--grad_ckpt", "--gpu_gb", "0.05", "--json", str(out)],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -82,7 +82,7 @@ def test_plan_mode_reports_rows_that_add_up(tmp_path):
 
 
 def test_plan_mode_refuses_a_shard_size_that_does_not_divide_the_world():
-    from benchmark import check_args, parse_args
+    from benchmarks.benchmark import check_args, parse_args
     with pytest.raises(UserError, match=r"^--fsdp_shard_size 3 does not divide --world_size 4: give a divisor, "
                                         r"or 0 to shard over all ranks$"):
         check_args(parse_args(["--mode", "plan", "--world_size", "6", "4", "--dist_strategy", "fsdp",

@@ -1,5 +1,5 @@
 """Integration tests against a real SLURM cluster of two emulated nodes with one fake GPU each
-(scripts/slurm/local_cluster.sh).
+(tests/slurm/local_cluster.sh).
 
 Skipped, with the reason, where the cluster cannot be started (not root, no apt-get).
 Every wait is bounded: without accounting, submitit cannot always tell a job's state.
@@ -19,7 +19,7 @@ from engine.checkpoint import load_full
 
 from conftest import MINI, REPO, assert_ok, cli_env, make_image_folder, pretrain
 
-CLUSTER = ["bash", str(REPO / "scripts" / "slurm" / "local_cluster.sh")]
+CLUSTER = ["bash", str(REPO / "tests" / "slurm" / "local_cluster.sh")]
 CLUSTER_ENV = dict(MAE_SLURM_NODES="2", MAE_SLURM_GPUS="1")
 
 
@@ -52,8 +52,9 @@ def _pause(rank):
     open(os.path.join(os.environ["MAE_TEST_PAUSE_DIR"], f"ready-{rank}"), "w").close()
     deadline = time.time() + 120
     while time.time() < deadline:
-        early = getattr(sys.modules.get("engine.launch.preemption"), "early_signal", None)
-        if early is not None and early() is not None:
+        # The recorder's state, read without taking the signal over (StopRequest.install would).
+        early = getattr(sys.modules.get("engine.launch.preemption"), "_early", None)
+        if early is not None and early.signum is not None:
             return
         time.sleep(0.05)
 
@@ -91,7 +92,8 @@ def pause_env(tmp_path: Path, spec: str) -> dict:
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(PAUSE_HOOK)
-    return dict(PYTHONPATH=str(hook_dir), MAE_TEST_PAUSE=spec, MAE_TEST_PAUSE_DIR=str(hook_dir))
+    path = os.pathsep.join([str(hook_dir)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(PYTHONPATH=path, MAE_TEST_PAUSE=spec, MAE_TEST_PAUSE_DIR=str(hook_dir))
 
 
 def wait_ready(tmp_path: Path, ranks, folder: Path):

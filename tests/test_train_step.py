@@ -130,9 +130,23 @@ def test_skip_nonfinite_skips_only_the_bad_step(caplog):
     assert norm is None and watch.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(after_first, weights(run)))
     assert "non-finite loss at epoch 3, iteration 1: optimizer step skipped" in caplog.text
-    _, norm = train_step(run, (x, y), 2, watch)  # no NaN gradient left over from the skipped step
-    assert norm is not None and torch.isfinite(norm) and all(torch.isfinite(p).all() for p in run.params)
+    # No gradient left over from the skipped step: the next update is exactly SGD's on this batch alone.
+    expected_norm, expected = sgd_reference(after_first, x, y, lr=0.1)
+    _, norm = train_step(run, (x, y), 2, watch)
+    assert norm.item() == pytest.approx(expected_norm, rel=1e-6)
+    for a, b in zip(weights(run), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     watch.check()  # never stops with skip
+
+
+def sgd_reference(params, x, y, lr):
+    """Gradient norm of mse for a Linear(4, 1) with these (weight, bias), and the weights after one
+    plain SGD step, from the closed form: d/dW mean((xW^T + b - y)^2) = 2/n (xW^T + b - y)^T x."""
+    w, b = (p.double() for p in params)
+    r = x.double() @ w.T + b - y.double()
+    gw, gb = 2 / len(x) * r.T @ x.double(), 2 / len(x) * r.sum(0)
+    norm = torch.cat([gw.flatten(), gb]).norm().item()
+    return norm, [(w - lr * gw).float(), (b - lr * gb).float()]
 
 
 def test_nonfinite_loss_stops_before_any_checkpoint_of_it():
@@ -268,7 +282,17 @@ def test_checkpoint_holds_the_plain_module_state_whatever_the_wrapper(tmp_path):
 
 
 def test_single_process_strategy_leaves_the_model_unwrapped():
-    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
     assert DDPStrategy(CPU).wrap(model) is model
-    with DDPStrategy.no_sync(model):  # a plain module has nothing to hold back
-        pass
+    # A plain module has nothing to hold back: its no_sync micro-step still accumulates, so two
+    # micro-batches of 4 update the weights as one batch of 8 does (closed-form reference).
+    x, y = data(8)
+    expected_norm, expected = sgd_reference([p.detach().clone() for p in model.parameters()], x, y, lr=0.1)
+    run = make_run(model=model, accum_iter=2)
+    watch = NonFiniteWatch(CPU, 0)
+    train_step(run, (x[:4], y[:4]), 0, watch)
+    _, norm = train_step(run, (x[4:], y[4:]), 1, watch)
+    assert norm.item() == pytest.approx(expected_norm, rel=1e-6)
+    for a, b in zip(weights(run), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

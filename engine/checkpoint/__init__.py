@@ -19,7 +19,7 @@ Two backends, picked by the strategy (engine/distributed.py, `strategy.sharded`)
 
 One reader (reader.py read_checkpoint) behind every door: --resume and automatic resume
 (resume.py), --finetune, --eval --resume, scripts/visualize.py, export.py, convert_checkpoint.py;
-it also takes the weights of transformers, timm and safetensors (engine/interop/foreign_weights.py).
+it also takes the weights of transformers, timm and safetensors (engine/checkpoint/foreign.py).
 """
 from .dcp import DcpBackend, load_full, load_into, load_meta, problem, save_full_as_sharded
 from .format import (

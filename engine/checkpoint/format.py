@@ -70,7 +70,7 @@ def numbered_checkpoints(output_dir: str, sharded: bool = False) -> List[str]:
 
 def is_sharded(path: str) -> bool:
     """A sharded checkpoint directory (or what is left of one: any of its files). Other folders
-    (transformers and timm weights: engine/interop/foreign_weights.py) are not."""
+    (transformers and timm weights: engine/checkpoint/foreign.py) are not."""
     if not os.path.isdir(path):
         return False
     try:

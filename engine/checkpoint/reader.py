@@ -15,8 +15,8 @@ from util.checkpoint_io import CheckpointError, load_checkpoint_file
 from util.errors import UserError
 
 from ..distributed import DDPStrategy
-from ..interop.foreign_weights import read_weight_source
 from . import dcp
+from .foreign import read_weight_source
 from .format import is_sharded, recorded_args
 
 log = logging.getLogger("mae")
@@ -26,7 +26,7 @@ def read_checkpoint(path: str, flag: Optional[str] = None, foreign: bool = True,
     """Any checkpoint as a dict of ours, with '_path'. flag: the option that named it, for messages.
 
     foreign: also the weights of other libraries (transformers / timm folders, safetensors, torch
-    files in their layouts: engine/interop/foreign_weights.py); a run's own checkpoints are read
+    files in their layouts: engine/checkpoint/foreign.py); a run's own checkpoints are read
     as they are. A sharded checkpoint directory (--dist_strategy fsdp) is gathered into the
     single-file format, or with gather=False only its plain entries are read, with '_sharded': a
     sharded strategy then loads its slices (dcp.load_into) and no process holds all of it."""

@@ -138,11 +138,6 @@ def watch_time_limit(job_id: str, signal_delay_s: float, time_left=slurm_time_le
     return thread
 
 
-def early_signal() -> Optional[int]:
-    """The signal record_early() recorded and no StopRequest has taken over yet, if any."""
-    return _early.signum
-
-
 def _take_over_early() -> Optional[int]:
     signum, _early.signum = _early.signum, None
     if _early.timer is not None:

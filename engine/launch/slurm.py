@@ -3,7 +3,7 @@ rendezvous from the job's environment, automatic requeue and resume on preemptio
 
 The scripts/submitit_*.py launchers are thin wrappers around launch().
 
-The job's tasks unpickle a Trainer, so importing this module stays light (no torch): a stop
+The job's tasks unpickle a SlurmTask, so importing this module stays light (no torch): a stop
 signal may arrive while they do (see scripts/slurm/task_entry.py). torch comes with util.dist
 and util.cli, imported where they are used.
 """
@@ -130,7 +130,7 @@ def executor_parameters(args) -> dict:
     params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=args.ngpus, timeout_min=args.timeout,
                   cpus_per_task=args.cpus_per_task or (10 if on_gpu else 1),
                   slurm_signal_delay_s=args.signal_delay_s,
-                  # The tasks unpickle the Trainer before any of our code runs: the repo must be importable.
+                  # The tasks unpickle the SlurmTask before any of our code runs: the repo must be importable.
                   slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"],
                   slurm_teardown=requeue_lines(args.max_requeues))
     if on_gpu:
@@ -162,7 +162,7 @@ def run_preflight(preflight: str, args, world_size: int) -> None:
     _load(preflight)(argparse.Namespace(**vars(args)), world_size, on_this_machine=False)
 
 
-class Trainer:
+class SlurmTask:
     """What each task of the job runs; submitit pickles it and calls it again after a requeue."""
 
     def __init__(self, entry: str, args):
@@ -281,7 +281,7 @@ def submit(args, parser, entry: str, job_name: str, preflight: str = "") -> None
     sbatch_stderr = io.StringIO()  # submitit prints sbatch's complaint; it becomes our one line
     try:
         with contextlib.redirect_stderr(sbatch_stderr):
-            job = executor.submit(Trainer(entry, args))
+            job = executor.submit(SlurmTask(entry, args))
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
         lines = [line.strip() for line in (str(e) or sbatch_stderr.getvalue()).splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")

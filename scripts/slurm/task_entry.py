@@ -1,6 +1,6 @@
 """Start a SLURM task so that a stop signal at ANY moment of its start-up leads to a requeue.
 
-    python scripts/slurm/task_entry.py [--signal_delay_s S] (-m MODULE | SCRIPT.py) [ARGS...]
+    python scripts/slurm/task_entry.py [--help] [--signal_delay_s S] (-m MODULE | SCRIPT.py) [ARGS...]
 
 SLURM may send the time-limit / preemption signal (SIGUSR1, SIGUSR2) before the training code has
 installed its handler: right after the job starts, while Python imports torch, or while the job
@@ -17,20 +17,21 @@ submitit.core._submit FOLDER`); scripts/pretrain.sbatch runs main_pretrain.py th
 import os
 import sys
 
-# Nothing else may run before the recorder is in place. In place of this script's folder:
-# the repository, for engine.launch.preemption (light: no torch).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.launch.preemption import record_early, watch_time_limit  # noqa: E402
+# Nothing else may run before the recorder is in place (engine.launch.preemption is light: no torch).
+from engine.launch.preemption import record_early, watch_time_limit
 
 record_early()
 
 
-USAGE = "usage: task_entry.py [--signal_delay_s S] (-m MODULE | SCRIPT.py) [ARGS...]"
+USAGE = "usage: task_entry.py [--help] [--signal_delay_s S] (-m MODULE | SCRIPT.py) [ARGS...]"
 
 
 def main(argv) -> None:
     import runpy
 
+    if argv[:1] in (["-h"], ["--help"]):  # ours only in first place; after the target they are the target's
+        print(__doc__.strip())
+        sys.exit(0)
     if argv[:1] == ["--signal_delay_s"]:
         try:
             delay = float(argv[1])

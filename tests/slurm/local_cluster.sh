@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real one-machine SLURM cluster (Debian 12, SLURM 22.05) for integration tests.
 #
-#   bash scripts/slurm/local_cluster.sh start    # install if needed, configure, start; idempotent
-#   bash scripts/slurm/local_cluster.sh stop     # stop what `start` started; idempotent
-#   bash scripts/slurm/local_cluster.sh status   # prints the sinfo line; exit 0 up, 1 down
+#   bash tests/slurm/local_cluster.sh start    # install if needed, configure, start; idempotent
+#   bash tests/slurm/local_cluster.sh stop     # stop what `start` started; idempotent
+#   bash tests/slurm/local_cluster.sh status   # prints the sinfo line; exit 0 up, 1 down
 #
 # Environment (same values for start/stop/status):
 #   MAE_SLURM_DIR     state dir: spool, logs, pid files                (default /tmp/mae-slurm)
@@ -27,7 +27,7 @@ CONF=/etc/slurm/slurm.conf            # where the daemons and clients read it
 BACKUP=/etc/slurm/slurm.conf.mae-slurm-backup   # beside the original: survives a wiped /tmp
 GRES_CONF=/etc/slurm/gres.conf
 GRES_BACKUP=/etc/slurm/gres.conf.mae-slurm-backup
-MARKER="# mae-local-slurm: written by scripts/slurm/local_cluster.sh"
+MARKER="# mae-local-slurm: written by tests/slurm/local_cluster.sh"
 HOSTS_MARKER="# mae-local-slurm"
 PKGS=(slurmctld slurmd slurm-client munge)
 

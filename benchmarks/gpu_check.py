@@ -1,7 +1,7 @@
 """The device check: everything that only a GPU can prove, in one command of a few minutes.
 
     bash scripts/gpu_check.sh --out $OUT          # on a machine with CUDA GPUs (under 7 minutes on one H200)
-    python scripts/gpu_check.py --cpu --out /tmp/check   # the same stages on the CPU, about a minute
+    python -m benchmarks.gpu_check --cpu --out /tmp/check   # the same stages on the CPU, about a minute
 
 Stages, each a child process with its own time limit, so one that hangs or dies costs only its
 own slot and the others still report:
@@ -9,10 +9,10 @@ own slot and the others still report:
   data      a JPEG dataset of ImageNet-like sizes made from the bundled photos (no download)
   pytest    `pytest -m gpu`: the CUDA tests (tests/test_gpu.py and the CUDA cases of other files; they
             skip without a GPU)
-  step      scripts/benchmark.py step mode: ViT-B/16 and ViT-L/16 MAE, bf16, eager and --compile,
+  step      benchmarks/benchmark.py step mode: ViT-B/16 and ViT-L/16 MAE, bf16, eager and --compile,
             interleaved with transformers' ViTMAE in the official loop (--peer); ViT-H/14 and
             MixMIM-B when the budget allows
-  loader    scripts/benchmark.py loader mode on the machine's cores: official PIL vs uint8 vs
+  loader    benchmarks/benchmark.py loader mode on the machine's cores: official PIL vs uint8 vs
             device_decode, and the cores one GPU needs at the measured step rates
   e2e       main_pretrain.py on the generated images with the GPU defaults: loss, img/s and
             data-wait share from its own progress lines
@@ -189,7 +189,7 @@ class Check:
                 self.record("step", {"rows": rows, "runs": ran})
                 continue
             js = self.out / f"step_{name}.json"
-            cmd = [sys.executable, "scripts/benchmark.py", "--model", model, "--batch_size", str(batch), "--json",
+            cmd = [sys.executable, "-m", "benchmarks.benchmark", "--model", model, "--batch_size", str(batch), "--json",
                    str(js), *extra]
             cmd += (["--device", "cpu", "--warmup", "1", "--iters", "2", "--repeats", "1"] if self.cpu else
                     ["--amp", "bf16", "--warmup", "3", "--iters", "10", "--repeats", "3"])
@@ -211,7 +211,7 @@ class Check:
     def loader(self) -> None:
         workers = 1 if self.cpu else max(1, min(8, self.cores - 2))
         js = self.out / "loader.json"
-        cmd = [sys.executable, "scripts/benchmark.py", "--mode", "loader", "--data_path", str(self.data),
+        cmd = [sys.executable, "-m", "benchmarks.benchmark", "--mode", "loader", "--data_path", str(self.data),
                "--num_workers", str(workers), "--batch_size", "16" if self.cpu else "128",
                "--iters", "3" if self.cpu else "12", "--repeats", "1" if self.cpu else "2", "--warmup", "1",
                "--pipelines", "official", "uint8", "device_decode", "--json", str(js),

@@ -1,4 +1,4 @@
-"""Per-rank memory of a pretraining run, for planning (scripts/benchmark.py --mode plan).
+"""Per-rank memory of a pretraining run, for planning (python -m benchmarks.benchmark --mode plan).
 
 Two parts, each said to be measured or estimated in the result:
 
