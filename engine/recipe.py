@@ -92,7 +92,7 @@ def run(recipe: Recipe, args) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
-    eval_only = bool(getattr(args, "eval", False))
+    eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
     resume_path = args.resume if eval_only else resume_flag(args)
     unreadable: List[str] = []
     found = None

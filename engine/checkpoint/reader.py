@@ -151,7 +151,7 @@ def check_architecture(own: dict, ckpt: dict, path: str, flag: str, model_name: 
     fix = "pass the --model of those weights"
     if name and model_name:
         task = registry.model_task(model_name)
-        for candidate in (name, name[len("mae_"):] if name.startswith("mae_") else "mae_" + name):
+        for candidate in (name, registry.counterpart(name)):
             if candidate != model_name and set(task) & set(registry.model_task(candidate)):
                 fix = f"pass --model {candidate}"
                 break

@@ -50,7 +50,7 @@ class Source:
     def encoder_name(self) -> str:
         """The classifier name of the encoder (vit_base_patch16, vit_small_patch16_224, ...)."""
         name = self.model_name
-        return name[len("mae_"):] if name.startswith("mae_") else name
+        return registry.encoder_name(name)
 
     @property
     def timm_name(self) -> str:
@@ -123,11 +123,11 @@ def load_source(path: str, model_name: Optional[str] = None) -> Source:
     name = model_name or args.get("model")
     if name and task not in registry.model_task(name):
         # an encoder-only file recording a pretraining name, or a classifier name for encoder weights
-        other = name[len("mae_"):] if name.startswith("mae_") else "mae_" + name
+        other = registry.counterpart(name)
         name = other if task in registry.model_task(other) else name
     if not name:
         timm_arch = args.get("timm_architecture")
-        prefer = (timm_arch, "mae_" + timm_arch) if timm_arch else ()
+        prefer = (timm_arch, registry.pretrain_name(timm_arch)) if timm_arch else ()
         name = matching_model(state, task, args.get("num_heads"), tuple(p for p in prefer if p))
         if kind == "encoder" and name is None:
             name = matching_model(state, "classify", args.get("num_heads"), tuple(p for p in prefer if p))
