@@ -1,0 +1,322 @@
+"""Regression tests of the behaviours behind the flags users change most: the weight-decay
+exemptions of fine-tuning and pretraining, --smoothing in the mixup/cutmix targets, the fp16
+gradient scaler across a resume, clipping after unscaling, the pooling defaults, and the linear
+probe's BatchNorm folded on export.
+
+Each test was checked against a hand-made regression of the product code (docs/testing.md lists
+them). Every access to a product internal goes through one of the seams right below, so that a
+redesign of engine/ (its private helpers, checkpoint.py, the args namespace) only re-points them.
+"""
+import logging
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import models
+from engine import finetune as finetune_engine
+from engine import pretrain as pretrain_engine
+from engine.finetune import make_linear_probe
+from engine.interop.export import load_source, write_timm
+from engine.launch.preemption import SIGNALS
+from engine.trainer import NonFiniteWatch, TrainingRun, train_step
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+from conftest import MINI
+
+CPU = torch.device("cpu")
+FT = ["--model", "vit_mini_patch16", "--input_size", "64", "--nb_classes", "2", "--num_workers", "0",
+      "--log_dir", "", "--warmup_epochs", "1", "--print_freq", "100", "--device", "cpu"]
+
+
+# ----------------------------------------------------------------------------- seams to the product
+# The CLIs' own parsers (public).
+def finetune_args(argv):
+    return main_finetune.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def linprobe_args(argv):
+    return main_linprobe.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def pretrain_args(argv):
+    return main_pretrain.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def finetune_optimizer(args, model):
+    """The optimizer fine-tuning builds for `model` from the flags (engine/finetune.py today)."""
+    optimizer, _ = finetune_engine._optimizer_and_loss(args, model, CPU, linprobe=False)
+    return optimizer
+
+
+def linprobe_optimizer(args, model):
+    """The optimizer linear probing builds (LARS on the head)."""
+    optimizer, _ = finetune_engine._optimizer_and_loss(args, model, CPU, linprobe=True)
+    return optimizer
+
+
+def finetune_mixup(args):
+    """The mixup/cutmix function of fine-tuning (None when off): (images, labels) -> (mixed, soft targets)."""
+    return finetune_engine.build_mixup(args)
+
+
+def default_global_pool(args, linprobe: bool) -> bool:
+    """Whether the classifier pools the patch tokens (True) or reads the class token (False)."""
+    return finetune_engine._global_pool(args, linprobe)
+
+
+def fold_and_export_timm(checkpoint_path, folder) -> None:
+    """The export CLI's timm target for a classifier checkpoint (engine/interop/export.py)."""
+    write_timm(load_source(str(checkpoint_path)), str(folder))
+
+
+def training_run(model, optimizer, scaler, clip_grad=None) -> TrainingRun:
+    """What the training step reads (engine/trainer.py TrainingRun), fp32 on the CPU."""
+    return TrainingRun(model=model, compute_loss=mse, optimizer=optimizer, scaler=scaler, device=CPU,
+                       clip_grad=clip_grad)
+
+
+def one_step(run, batch):
+    """One optimizer step of the recipes' training step: (loss, logged grad norm)."""
+    return train_step(run, batch, 0, NonFiniteWatch(CPU, 0))
+
+
+@contextmanager
+def restored_process_state():
+    """An in-process CLI run replaces the root logging handlers and installs signal handlers;
+    both are put back so that the rest of the session is unaffected."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def run_in_process(engine_module, args, stop_after_resume: bool = False) -> dict:
+    """engine_module.main(args) (pretraining or fine-tuning) in this process. Records what the
+    recipe hands to its training set-up (model, optimizer, scaler), right after the resume;
+    stop_after_resume: no epoch is trained (set-up only). Returns the record."""
+    seen = {}
+    real = engine_module.start_training
+
+    def recording(args_, strategy, model, optimizer, scaler, found, unreadable):
+        started = None if stop_after_resume and found is None else real(args_, strategy, model, optimizer, scaler,
+                                                                        found, unreadable)
+        seen.update(model=model, optimizer=optimizer, scaler=scaler, scaler_state=dict(scaler.state_dict()))
+        return None if stop_after_resume else started
+
+    engine_module.start_training = recording
+    try:
+        with restored_process_state():
+            engine_module.main(args)
+    finally:
+        engine_module.start_training = real
+    return seen
+
+
+# ----------------------------------------------------------------------------- helpers of the tests
+def mse(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def group_of(optimizer, model) -> dict:
+    """parameter name -> weight decay of its optimizer group (every trainable parameter in exactly one)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            assert name not in out, f"{name} is in two groups"
+            out[name] = g["weight_decay"]
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- weight decay
+def test_finetune_cli_exempts_cls_token_pos_embed_and_1d_parameters_from_weight_decay(two_classes, tmp_path):
+    args = finetune_args([*FT, "--data_path", two_classes, "--output_dir", tmp_path / "out", "--batch_size", 4,
+                          "--weight_decay", 0.3, "--epochs", 1])
+    seen = run_in_process(finetune_engine, args, stop_after_resume=True)
+    model, optimizer = seen["model"], seen["optimizer"]
+    decay = group_of(optimizer, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay) == trainable
+    exempt = {n for n, p in model.named_parameters() if p.ndim <= 1} | {"cls_token", "pos_embed"}
+    assert {n for n, wd in decay.items() if wd == 0.0} == exempt
+    assert {n for n, wd in decay.items() if wd != 0.0} == trainable - exempt
+    assert {wd for n, wd in decay.items() if n not in exempt} == {0.3}
+    assert {"cls_token", "pos_embed"} <= set(model.no_weight_decay())  # the model's own list is what exempts them
+    assert "blocks.0.attn.qkv.weight" in trainable - exempt and "blocks.0.attn.qkv.bias" in exempt
+    assert model.uses_global_pool  # the fine-tuning default, as the CLI builds the model
+
+
+def test_finetune_optimizer_honours_the_models_no_weight_decay_names():
+    """A model that exempts a name of its own (here a 2-D one) gets it exempted by the recipe."""
+    model = models.create_model("vit_mini_patch16", "classify", img_size=64, num_classes=2, global_pool=True)
+    model.no_weight_decay = lambda: {"cls_token", "pos_embed", "blocks.1.mlp.fc1.weight"}
+    decay = group_of(finetune_optimizer(finetune_args([*FT, "--weight_decay", 0.2, "--lr", 1e-3]), model), model)
+    assert decay["blocks.1.mlp.fc1.weight"] == 0.0 and decay["blocks.0.mlp.fc1.weight"] == 0.2
+    assert decay["cls_token"] == decay["pos_embed"] == 0.0
+
+
+def test_pretrain_cli_decays_all_but_biases_and_norms(photos, tmp_path):
+    args = pretrain_args([*MINI, "--data_path", photos, "--batch_size", 7, "--epochs", 1, "--device", "cpu",
+                          "--weight_decay", 0.25, "--output_dir", tmp_path / "out"])
+    seen = run_in_process(pretrain_engine, args, stop_after_resume=True)
+    model, optimizer = seen["model"], seen["optimizer"]
+    decay = group_of(optimizer, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay) == trainable
+    assert "pos_embed" not in decay and "decoder_pos_embed" not in decay  # fixed sin-cos tables
+    one_d = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1}
+    # MAE exempts no name of its own: the official recipe decays cls_token and mask_token.
+    assert not hasattr(model, "no_weight_decay")
+    assert {n for n, wd in decay.items() if wd == 0.0} == one_d
+    assert {n for n, wd in decay.items() if wd != 0.0} == trainable - one_d
+    assert {wd for n, wd in decay.items() if n not in one_d} == {0.25}
+    assert {"blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight", "decoder_norm.bias",
+            "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= one_d
+    assert decay["cls_token"] == decay["mask_token"] == decay["patch_embed.proj.weight"] == 0.25
+
+
+# ----------------------------------------------------------------------------- --smoothing with mixup / cutmix
+@pytest.mark.parametrize("mixing", [["--mixup", 0.8], ["--cutmix", 1.0], ["--mixup", 0.8, "--cutmix", 1.0]],
+                         ids=["mixup", "cutmix", "both"])
+def test_smoothing_reaches_the_mixed_targets(mixing):
+    smoothing, classes = 0.3, 5
+    args = finetune_args([*FT, "--nb_classes", classes, "--smoothing", smoothing, *mixing])
+    mixup = finetune_mixup(args)
+    assert mixup is not None
+    np.random.seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.tensor([0, 1, 2, 0])  # mixed with the reversed batch: rows 0 and 3 with their own class
+    _, targets = mixup(x, y)
+    off, on = smoothing / classes, 1 - smoothing + smoothing / classes
+    assert targets.shape == (4, classes)
+    torch.testing.assert_close(targets[:, 3:], torch.full((4, 2), off), rtol=0, atol=1e-7)  # never a label
+    torch.testing.assert_close(targets[0], torch.tensor([on, off, off, off, off]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(targets[3], targets[0], rtol=0, atol=0)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4), rtol=0, atol=1e-6)
+    # Rows 1 and 2 mix classes 1 and 2 with weights lam, 1 - lam on top of the off-class mass.
+    lam = (targets[1, 1] - off) / (on - off)
+    assert 0 <= lam <= 1
+    torch.testing.assert_close(targets[1, 1:3], torch.stack([off + lam * (on - off), off + (1 - lam) * (on - off)]))
+    assert targets[1, 0] == pytest.approx(off, abs=1e-7)
+
+
+def test_no_mixing_means_no_mixup_function():
+    assert finetune_mixup(finetune_args([*FT, "--smoothing", 0.3])) is None
+
+
+# ----------------------------------------------------------------------------- fp16 gradient scaler and resume
+def test_fp16_scaler_runs_on_cpu_and_resumes_at_its_saved_scale(photos, tmp_path):
+    out = tmp_path / "out"
+    flags = [*MINI, "--data_path", photos, "--batch_size", 7, "--device", "cpu", "--amp", "fp16",
+             "--output_dir", out, "--print_freq", 100]
+    first = run_in_process(pretrain_engine, pretrain_args([*flags, "--epochs", 1]))
+    assert first["scaler"].is_enabled()
+    saved = load(out / "checkpoint-last.pth")
+    scaler_state = saved["scaler"]
+    assert scaler_state["scale"] == 65536.0 and scaler_state["_growth_tracker"] == 2  # 2 finite fp16 steps
+    assert scaler_state["growth_interval"] == 2000
+
+    # A run whose scaler had backed off: the resumed scaler continues from its state, not the default.
+    saved["scaler"] = {**scaler_state, "scale": 1024.0, "_growth_tracker": 7}
+    torch.save(saved, out / "checkpoint-last.pth")
+    resumed = run_in_process(pretrain_engine, pretrain_args([*flags, "--epochs", 2]), stop_after_resume=True)
+    assert resumed["scaler"].get_scale() == 1024.0
+    assert resumed["scaler_state"]["_growth_tracker"] == 7
+
+
+# ----------------------------------------------------------------------------- clipping with an enabled scaler
+def linear_problem():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1), (x, y)
+
+
+def unscaled_grad_norm(model, batch) -> float:
+    """The reference: the gradient norm of the plain loss, no scaler involved."""
+    probe = torch.nn.Linear(4, 1)
+    probe.load_state_dict(model.state_dict())
+    mse(probe, batch).backward()
+    return torch.cat([p.grad.flatten() for p in probe.parameters()]).norm().item()
+
+
+@pytest.mark.parametrize("clip", [0.01, None], ids=["clipped", "unclipped"])
+def test_grad_norm_and_clipping_are_taken_after_unscaling(clip):
+    model, batch = linear_problem()
+    reference = unscaled_grad_norm(model, batch)
+    assert reference > 0.01 * 10
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    run = training_run(model, torch.optim.SGD(model.parameters(), lr=1.0), scaler, clip_grad=clip)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, norm = one_step(run, batch)
+    assert norm.item() == pytest.approx(reference, rel=1e-5)  # the unscaled norm, not 1024 times it
+    update = torch.cat([(a - p.detach()).flatten() for a, p in zip(before, model.parameters())])
+    assert update.norm().item() == pytest.approx(clip if clip is not None else reference, rel=1e-4)
+    assert scaler.get_scale() == 1024.0  # the step was taken (no inf), no growth yet
+
+
+# ----------------------------------------------------------------------------- pooling defaults
+def test_pooling_defaults_fine_tuning_pools_linear_probing_reads_the_class_token():
+    vit = ["--model", "vit_mini_patch16"]
+    assert default_global_pool(finetune_args(vit), linprobe=False) is True
+    assert default_global_pool(linprobe_args(vit), linprobe=True) is False
+    # The flags override either default.
+    assert default_global_pool(finetune_args([*vit, "--cls_token"]), linprobe=False) is False
+    assert default_global_pool(linprobe_args([*vit, "--global_pool"]), linprobe=True) is True
+    # A model without a class token pools in both.
+    assert default_global_pool(linprobe_args(["--model", "mixmim_mini"]), linprobe=True) is True
+    assert default_global_pool(finetune_args(["--model", "mixmim_mini"]), linprobe=False) is True
+
+
+# ----------------------------------------------------------------------------- linear-probe export
+def test_linprobe_export_folds_a_trained_batchnorm(tmp_path):
+    torch.manual_seed(0)
+    model = models.create_model("vit_mini_patch16", "classify", img_size=64, num_classes=3, global_pool=False)
+    make_linear_probe(model)
+    bn, linear = model.head
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.5)
+    optimizer = linprobe_optimizer(linprobe_args(["--model", "vit_mini_patch16", "--lr", 0.5, "--weight_decay", 0.]),
+                                   model)
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):  # the recipe's train mode: frozen encoder in eval mode, the head learns
+        model.eval()
+        model.head.train()
+        x, y = torch.randn(6, 3, 64, 64, generator=g) * 2 + 0.5, torch.randint(0, 3, (6,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not bn.affine and int(bn.num_batches_tracked) == 3
+    assert bn.running_mean.abs().mean() > 1e-2 and (bn.running_var - 1).abs().mean() > 1e-2  # not the identity
+    model.eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "epoch": 2, "args": {"model": "vit_mini_patch16", "input_size": 64}},
+               path)
+    fold_and_export_timm(path, tmp_path / "timm")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert isinstance(exported.head, torch.nn.Linear)
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        ours, theirs = model(x), exported(x)
+        # The statistics matter at this tolerance: an identity BatchNorm gives other logits.
+        identity = linear(model.forward_head(model.forward_features(x), pre_logits=True))
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (identity - ours).abs().max() > 1e-2
