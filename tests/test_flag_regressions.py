@@ -17,6 +17,7 @@ import timm
 import torch
 
 import models
+from engine import checkpoint as checkpoint_engine
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
 from engine.finetune import make_linear_probe
@@ -73,6 +74,21 @@ def default_global_pool(args, linprobe: bool) -> bool:
 def fold_and_export_timm(checkpoint_path, folder) -> None:
     """The export CLI's timm target for a classifier checkpoint (engine/interop/export.py)."""
     write_timm(load_source(str(checkpoint_path)), str(folder))
+
+
+def save_training_checkpoint(args, model, optimizer, scaler, epoch, epoch_iter, epoch_iters, samples_in_epoch):
+    """What a training run writes to args.output_dir (checkpoint-last.pth, the previous one kept)."""
+    checkpoint_engine.Checkpointer(args.output_dir, model, optimizer, scaler, args).save(
+        epoch, epoch_iter, epoch_iters, samples_in_epoch)
+
+
+def resume_training(args, model, optimizer, scaler, unreadable=None):
+    """The resume a training run starts with: the checkpoint found from the flags loaded into model,
+    optimizer and scaler. Returns ((epoch, samples into it) to continue at, whether all --epochs
+    are done already, the checkpoint or None)."""
+    found = checkpoint_engine.find_resume_checkpoint(args, unreadable)
+    pos = checkpoint_engine.resume(found, model, optimizer, scaler, args)
+    return (pos.epoch, pos.samples_in_epoch), checkpoint_engine.already_finished(pos, args, found), found
 
 
 def training_run(model, optimizer, scaler, clip_grad=None) -> TrainingRun:
@@ -240,6 +256,73 @@ def test_fp16_scaler_runs_on_cpu_and_resumes_at_its_saved_scale(photos, tmp_path
     resumed = run_in_process(pretrain_engine, pretrain_args([*flags, "--epochs", 2]), stop_after_resume=True)
     assert resumed["scaler"].get_scale() == 1024.0
     assert resumed["scaler_state"]["_growth_tracker"] == 7
+
+
+def small_state(seed):
+    """A model, a momentum optimizer with state, and an enabled scaler at a non-default scale."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0 ** (seed + 3), enabled=True)
+
+
+def test_resume_restores_weights_optimizer_scaler_rng_and_position(tmp_path):
+    """The resume path directly (fast): the newest readable checkpoint, its state, where to continue."""
+    args = pretrain_args(["--output_dir", tmp_path, "--epochs", 4])
+    model, optimizer, scaler = small_state(seed=5)
+    save_training_checkpoint(args, model, optimizer, scaler, epoch=1, epoch_iter=3, epoch_iters=5, samples_in_epoch=21)
+    expected_draw = torch.rand(3)  # the RNG continues from the state saved with the checkpoint
+
+    fresh_model, fresh_optimizer, fresh_scaler = small_state(seed=0)
+    torch.rand(7)
+    (epoch, samples), finished, found = resume_training(args, fresh_model, fresh_optimizer, fresh_scaler)
+    assert (epoch, samples, finished) == (1, 21, False)  # mid-epoch: the same epoch, 21 samples in
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert fresh_scaler.get_scale() == 2.0 ** 8 and fresh_scaler.state_dict() == scaler.state_dict()
+    for a, b in zip(fresh_model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    momentum = [fresh_optimizer.state[p]["momentum_buffer"] for p in fresh_model.parameters()]
+    for a, p in zip(momentum, model.parameters()):
+        assert torch.equal(a, optimizer.state[p]["momentum_buffer"])
+    assert found["_path"] == str(tmp_path / "checkpoint-last.pth")
+
+    # The end of an epoch continues at the next one; the last epoch's end has nothing left to train.
+    save_training_checkpoint(args, model, optimizer, scaler, epoch=2, epoch_iter=5, epoch_iters=5, samples_in_epoch=35)
+    assert resume_training(args, *small_state(0))[:2] == ((3, 0), False)
+    save_training_checkpoint(args, model, optimizer, scaler, epoch=3, epoch_iter=5, epoch_iters=5, samples_in_epoch=35)
+    assert resume_training(args, *small_state(0))[:2] == ((4, 0), True)
+    assert resume_training(pretrain_args(["--output_dir", tmp_path, "--epochs", 5]), *small_state(0))[:2] == \
+        ((4, 0), False)
+    assert resume_training(pretrain_args(["--output_dir", tmp_path, "--epochs", 3]), *small_state(0))[:2] == \
+        ((4, 0), True)
+
+
+def test_resume_falls_back_and_follows_the_flags(tmp_path):
+    args = pretrain_args(["--output_dir", tmp_path, "--epochs", 4, "--start_epoch", 2])
+    model, optimizer, scaler = small_state(seed=5)
+    save_training_checkpoint(args, model, optimizer, scaler, epoch=0, epoch_iter=5, epoch_iters=5, samples_in_epoch=35)
+    save_training_checkpoint(args, model, optimizer, scaler, epoch=1, epoch_iter=2, epoch_iters=5, samples_in_epoch=14)
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"truncated")
+    unreadable = []
+    fresh = small_state(seed=0)
+    assert resume_training(args, *fresh, unreadable)[:2] == ((1, 0), False)  # checkpoint-prev.pth, epoch 0 done
+    assert unreadable == [str(tmp_path / "checkpoint-last.pth")]
+    assert fresh[2].get_scale() == 2.0 ** 8
+
+    # --resume names the file; --no_auto_resume or no --output_dir start fresh at --start_epoch.
+    prev = str(tmp_path / "checkpoint-prev.pth")
+    assert resume_training(pretrain_args(["--resume", prev, "--output_dir", ""]), *small_state(0))[0] == (1, 0)
+    for flags in (["--output_dir", tmp_path, "--no_auto_resume"], ["--output_dir", ""]):
+        (epoch, samples), finished, found = resume_training(pretrain_args([*flags, "--start_epoch", 2]), *small_state(0))
+        assert (epoch, samples, finished, found) == (2, 0, False, None)
+
+    # A disabled scaler (fp32, bf16) ignores the saved scaler state.
+    model, optimizer, _ = small_state(seed=0)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    resume_training(pretrain_args(["--resume", prev, "--output_dir", ""]), model, optimizer, disabled)
+    assert not disabled.is_enabled() and disabled.state_dict() == {}
 
 
 # ----------------------------------------------------------------------------- clipping with an enabled scaler
