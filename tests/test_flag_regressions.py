@@ -20,6 +20,7 @@ import models
 from engine import checkpoint as checkpoint_engine
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
+from engine.data.sampler import ResumableSampler
 from engine.finetune import make_linear_probe
 from engine.interop.export import load_source, write_timm
 from engine.launch.preemption import SIGNALS
@@ -89,6 +90,13 @@ def resume_training(args, model, optimizer, scaler, unreadable=None):
     found = checkpoint_engine.find_resume_checkpoint(args, unreadable)
     pos = checkpoint_engine.resume(found, model, optimizer, scaler, args)
     return (pos.epoch, pos.samples_in_epoch), checkpoint_engine.already_finished(pos, args, found), found
+
+
+def training_sampler(dataset, world_size: int, rank: int, seed: int, epoch: int, start_sample: int = 0):
+    """The training order's sampler of one process, from `start_sample` of the epoch (a resume)."""
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    sampler.set_epoch(epoch, start_sample)
+    return sampler
 
 
 def training_run(model, optimizer, scaler, clip_grad=None) -> TrainingRun:
@@ -184,7 +192,9 @@ def test_finetune_optimizer_honours_the_models_no_weight_decay_names():
     """A model that exempts a name of its own (here a 2-D one) gets it exempted by the recipe."""
     model = models.create_model("vit_mini_patch16", "classify", img_size=64, num_classes=2, global_pool=True)
     model.no_weight_decay = lambda: {"cls_token", "pos_embed", "blocks.1.mlp.fc1.weight"}
-    decay = group_of(finetune_optimizer(finetune_args([*FT, "--weight_decay", 0.2, "--lr", 1e-3]), model), model)
+    optimizer = finetune_optimizer(finetune_args([*FT, "--weight_decay", 0.2, "--lr", 2e-3]), model)
+    assert {g["lr"] for g in optimizer.param_groups} == {2e-3} and optimizer.defaults["betas"] == (0.9, 0.999)
+    decay = group_of(optimizer, model)
     assert decay["blocks.1.mlp.fc1.weight"] == 0.0 and decay["blocks.0.mlp.fc1.weight"] == 0.2
     assert decay["cls_token"] == decay["pos_embed"] == 0.0
 
@@ -207,6 +217,7 @@ def test_pretrain_cli_decays_all_but_biases_and_norms(photos, tmp_path):
     assert {"blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight", "decoder_norm.bias",
             "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= one_d
     assert decay["cls_token"] == decay["mask_token"] == decay["patch_embed.proj.weight"] == 0.25
+    assert optimizer.defaults["betas"] == (0.9, 0.95)  # the official pretraining betas
 
 
 # ----------------------------------------------------------------------------- --smoothing with mixup / cutmix
@@ -318,11 +329,30 @@ def test_resume_falls_back_and_follows_the_flags(tmp_path):
         (epoch, samples), finished, found = resume_training(pretrain_args([*flags, "--start_epoch", 2]), *small_state(0))
         assert (epoch, samples, finished, found) == (2, 0, False, None)
 
+    # Without checkpoint-last/-prev.pth the newest numbered checkpoint is taken.
+    (tmp_path / "checkpoint-last.pth").unlink()
+    (tmp_path / "checkpoint-prev.pth").rename(tmp_path / "checkpoint-0.pth")
+    assert resume_training(args, *small_state(0))[0] == (1, 0)
+    prev = str(tmp_path / "checkpoint-0.pth")
+
     # A disabled scaler (fp32, bf16) ignores the saved scaler state.
     model, optimizer, _ = small_state(seed=0)
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     resume_training(pretrain_args(["--resume", prev, "--output_dir", ""]), model, optimizer, disabled)
     assert not disabled.is_enabled() and disabled.state_dict() == {}
+
+
+def test_sampler_resumed_mid_epoch_yields_its_length_and_the_rest_of_the_order():
+    """14 samples on 3 processes (padded to 15), resumed after 6: each process has 3 left."""
+    dataset = list(range(14))
+    full = [i for _, i in training_sampler(dataset, 1, 0, seed=5, epoch=2)]
+    rest = []
+    for rank in range(3):
+        sampler = training_sampler(dataset, 3, rank, seed=5, epoch=2, start_sample=6)
+        keys = list(sampler)
+        assert len(sampler) == len(keys) == 3 and {e for e, _ in keys} == {2}
+        rest.append([i for _, i in keys])
+    assert sorted(rest[0] + rest[1] + rest[2]) == sorted(full[6:] + full[:1])  # the padding repeats the first
 
 
 # ----------------------------------------------------------------------------- clipping with an enabled scaler
