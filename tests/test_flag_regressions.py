@@ -341,6 +341,22 @@ def test_resume_falls_back_and_follows_the_flags(tmp_path):
     resume_training(pretrain_args(["--resume", prev, "--output_dir", ""]), model, optimizer, disabled)
     assert not disabled.is_enabled() and disabled.state_dict() == {}
 
+    # Switching to --amp fp16: a checkpoint of an fp32 run (empty scaler state) leaves the scaler at its default.
+    fp32 = tmp_path / "fp32"
+    model, optimizer, _ = small_state(seed=5)
+    save_training_checkpoint(pretrain_args(["--output_dir", fp32]), model, optimizer,
+                             torch.amp.GradScaler("cpu", enabled=False), 1, 5, 5, 35)
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    assert resume_training(pretrain_args(["--output_dir", fp32]), *small_state(0)[:2], enabled)[0] == (2, 0)
+    assert enabled.get_scale() == 65536.0
+
+    # An official checkpoint (no epoch_iter / epoch_iters) is at an epoch's end.
+    official = {k: v for k, v in torch.load(fp32 / "checkpoint-last.pth", weights_only=True).items()
+                if k not in ("epoch_iter", "epoch_iters", "samples_in_epoch", "rng")}
+    torch.save(official, fp32 / "official.pth")
+    assert resume_training(pretrain_args(["--resume", fp32 / "official.pth", "--output_dir", ""]),
+                           *small_state(0))[0] == (2, 0)
+
 
 def test_sampler_resumed_mid_epoch_yields_its_length_and_the_rest_of_the_order():
     """14 samples on 3 processes (padded to 15), resumed after 6: each process has 3 left."""
