@@ -24,6 +24,7 @@ from engine.data.sampler import ResumableSampler
 from engine.finetune import make_linear_probe
 from engine.interop.export import load_source, write_timm
 from engine.launch.preemption import SIGNALS
+from engine.lr_sched import resolve_lr
 from engine.trainer import NonFiniteWatch, TrainingRun, train_step
 
 import main_finetune
@@ -48,6 +49,12 @@ def linprobe_args(argv):
 
 def pretrain_args(argv):
     return main_pretrain.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def learning_rate(args) -> float:
+    """The absolute learning rate a run trains with (--lr, else --blr scaled by the effective batch)."""
+    resolve_lr(args)
+    return args.lr
 
 
 def finetune_optimizer(args, model):
@@ -218,6 +225,13 @@ def test_pretrain_cli_decays_all_but_biases_and_norms(photos, tmp_path):
             "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= one_d
     assert decay["cls_token"] == decay["mask_token"] == decay["patch_embed.proj.weight"] == 0.25
     assert optimizer.defaults["betas"] == (0.9, 0.95)  # the official pretraining betas
+
+
+def test_blr_scales_with_the_effective_batch_and_lr_overrides_it():
+    assert learning_rate(pretrain_args(["--blr", 1.5e-4, "--batch_size", 64, "--accum_iter", 2])) == \
+        pytest.approx(1.5e-4 * 128 / 256, rel=1e-12)
+    assert learning_rate(finetune_args(["--blr", 5e-4, "--batch_size", 32])) == pytest.approx(5e-4 * 32 / 256, rel=1e-12)
+    assert learning_rate(pretrain_args(["--lr", 3e-3, "--blr", 1.5e-4, "--batch_size", 64, "--accum_iter", 4])) == 3e-3
 
 
 # ----------------------------------------------------------------------------- --smoothing with mixup / cutmix
