@@ -12,6 +12,7 @@ checkpoint records as 'args': the official flags with the resolved values, in th
 official code leaves them in its Namespace, so official tools and older checkpoints keep reading
 it (and a checkpoint of this version equals one of the version before, byte for byte).
 """
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -205,7 +206,8 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
         updates["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else default_mask_ratio
     effective_batch = args.batch_size * args.accum_iter * world
     updates["lr"] = args.lr if args.lr is not None else args.blr * effective_batch / 256
-    record = plain_args(argparse_like(flags, updates))
+    # A key the flags have keeps its place, a new one goes last, as the official code adds it to args.
+    record = plain_args(argparse.Namespace(**{**flags, **updates}))
     device = updates.get("device", args.device)
     get = record.get
 
@@ -249,12 +251,3 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             smoothing=args.smoothing, nb_classes=args.nb_classes)
     return RunConfig(task=task, eval_only=bool(get("eval", False)), data=data, model=model, optim=optim, dist=dist,
                      checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record))
-
-
-class argparse_like:
-    """The flags with the resolved values over them, as plain_args reads a Namespace: a key the
-    flags have keeps its place, a new one goes last (the official code adds them to args)."""
-
-    def __init__(self, flags: dict, updates: dict):
-        self.__dict__.update(flags)
-        self.__dict__.update(updates)
