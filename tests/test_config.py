@@ -3,6 +3,8 @@ the parts the trainer takes satisfy their protocols (engine/protocols.py)."""
 import argparse
 import copy
 import dataclasses
+import logging
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
 from engine.config import resolve
+from engine.launch.preemption import SIGNALS
 from engine.pretrain import PretrainRecipe
 from util.dist import LaunchEnv
 
@@ -67,7 +70,21 @@ def test_classification_pooling_default_is_resolved():
     assert cfg.augment.smoothing == 0.1 and cfg.data.pipeline == "pil"
 
 
-def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes, tmp_path):
+@pytest.fixture
+def own_process_state():
+    """An in-process run installs signal handlers (StopRequest) and logging handlers: restored
+    afterwards, so that later tests of the signal path see the handlers they set."""
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    root = logging.getLogger()
+    log_handlers, level = root.handlers[:], root.level
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    root.handlers[:] = log_handlers
+    root.setLevel(level)
+
+
+def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes, tmp_path, own_process_state):
     """The whole run in this process: args after the run equals args as parsed."""
     out = tmp_path / "pt"
     args = parse(main_pretrain, [*MINI, "--data_path", photos, "--batch_size", 7, "--epochs", 1,
