@@ -13,6 +13,7 @@ from util.errors import UserError
 
 from .checkpoint import is_sharded, problem
 from .checkpoint.foreign import check_weights_source
+from .reporting.wandb_log import wandb_available
 
 
 def warn(message: str) -> None:
@@ -85,7 +86,6 @@ def check_wandb_args(args) -> None:
             raise UserError(f"{', '.join(given)} without --wandb_project: W&B logging is off; add --wandb_project "
                             "NAME or drop the flag")
         return
-    from .reporting.wandb_log import wandb_available
     if not wandb_available():
         raise UserError(f"--wandb_project {args.wandb_project}: the wandb package is not installed: pip install "
                         "wandb (or drop --wandb_project)")

@@ -22,6 +22,8 @@ import torch
 from util import dist as dist_util
 from util.errors import UserError
 
+from .sharded_init import build_sharded
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and torch.compile wrappers (its state-dict keys are the model's)."""
@@ -178,7 +180,6 @@ class FSDPStrategy:
         """make() on the meta device, sharded, each rank's shards materialised on the device with
         the weights rank 0 would have initialised (what DDP would broadcast): engine/sharded_init.py.
         No rank ever holds the whole model."""
-        from .sharded_init import build_sharded
         rank0_rng = [torch.get_rng_state()]
         if dist_util.is_dist():
             torch.distributed.broadcast_object_list(rank0_rng, src=0, group=dist_util.cpu_group())

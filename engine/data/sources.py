@@ -17,6 +17,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from util import dist as dist_util
 from util.errors import UserError
 
+from . import hfds, shards
+
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "data", "sample")
 
@@ -200,8 +202,6 @@ def detect_format(data_path: str) -> str:
     """What --data_path holds: "wds" (a brace pattern or glob of .tar files, or a folder of .tar
     shards, split subfolders allowed), "hf" (a save_to_disk folder, or parquet files), else "folder"
     (an ImageNet-layout folder; also what a path that does not exist is reported as)."""
-    from . import hfds, shards
-
     if shards.is_shard_pattern(data_path) or shards.has_shards(data_path):
         return "wds"
     if os.path.isdir(data_path) and (hfds.is_saved_dataset(data_path) or hfds.has_parquet(data_path)):
@@ -214,16 +214,14 @@ def open_source(data_path: str, split: str, *, data_format: str = "auto", need_l
                 label_column: Optional[str] = None, num_classes: int = 1) -> ImageSource:
     """The `split` ("train", "val") of --data_path as an image source: an ImageFolder root, tar
     shards (engine.data.shards) or a Hugging Face dataset on disk (engine.data.hfds), detected
-    (data_format "auto") or forced. The shard and HF readers are imported only here, so folders
+    (data_format "auto") or forced. Those modules import wids / datasets only when used, so folders
     need neither library. need_labels: classification (the label column / cls member must exist);
     num_classes numbers the classes of a source that does not name them."""
     fmt = detect_format(data_path) if data_format == "auto" else data_format
     if fmt == "wds":
-        from .shards import shard_source
-        return shard_source(data_path, split, need_labels, num_classes)
+        return shards.shard_source(data_path, split, need_labels, num_classes)
     if fmt == "hf":
-        from .hfds import hf_source
-        return hf_source(data_path, split, need_labels, image_column, label_column, num_classes)
+        return hfds.hf_source(data_path, split, need_labels, image_column, label_column, num_classes)
     return image_folder(data_path, split, allow_empty_classes)
 
 
