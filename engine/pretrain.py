@@ -1,4 +1,4 @@
-"""MAE / MixMIM pretraining: set up data, model, optimizer and checkpoints, then run the epochs.
+"""The pretraining recipe (MAE, MixMIM): what engine/recipe.py's runner needs that is pretraining's own.
 
 Both model families take (images, mask_ratio, noise) and return (loss, pred, mask); the noise
 rows come from the dataset, keyed per sample, so masks are reproducible and resume is exact.

@@ -1,6 +1,9 @@
 """Shared fixtures: small real-image datasets and a runner for the CLIs as real processes."""
+import contextlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +88,20 @@ def two_classes(tmp_path_factory) -> Path:
     from scripts.make_sample_dataset import make_classification_set
 
     return make_classification_set(tmp_path_factory.mktemp("two_classes"), task="color")
+
+
+@contextlib.contextmanager
+def restored_process_state():
+    """An in-process CLI run replaces the root logging handlers and installs signal handlers
+    (StopRequest); both are put back, so that later tests of the signal path see their own."""
+    from engine.launch.preemption import SIGNALS
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        root.handlers[:] = handlers
+        root.setLevel(level)

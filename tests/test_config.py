@@ -3,8 +3,6 @@ the parts the trainer takes satisfy their protocols (engine/protocols.py)."""
 import argparse
 import copy
 import dataclasses
-import logging
-import signal
 
 import pytest
 import torch
@@ -12,13 +10,12 @@ import torch
 from engine import finetune as finetune_engine
 from engine import pretrain as pretrain_engine
 from engine.config import resolve
-from engine.launch.preemption import SIGNALS
 from engine.pretrain import PretrainRecipe
 from util.dist import LaunchEnv
 
 import main_finetune
 import main_pretrain
-from conftest import MINI
+from conftest import MINI, restored_process_state
 
 SINGLE = LaunchEnv(rank=0, world_size=1, local_rank=0, dist_url=None)
 
@@ -70,27 +67,14 @@ def test_classification_pooling_default_is_resolved():
     assert cfg.augment.smoothing == 0.1 and cfg.data.pipeline == "pil"
 
 
-@pytest.fixture
-def own_process_state():
-    """An in-process run installs signal handlers (StopRequest) and logging handlers: restored
-    afterwards, so that later tests of the signal path see the handlers they set."""
-    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    root = logging.getLogger()
-    log_handlers, level = root.handlers[:], root.level
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    root.handlers[:] = log_handlers
-    root.setLevel(level)
-
-
-def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes, tmp_path, own_process_state):
+def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes, tmp_path):
     """The whole run in this process: args after the run equals args as parsed."""
     out = tmp_path / "pt"
     args = parse(main_pretrain, [*MINI, "--data_path", photos, "--batch_size", 7, "--epochs", 1,
                                  "--output_dir", out, "--device", "cpu", "--accum_iter", 2, "--save_every_steps", 2])
     parsed = copy.deepcopy(vars(args))
-    pretrain_engine.main(args)
+    with restored_process_state():
+        pretrain_engine.main(args)
     assert vars(args) == parsed
     saved = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert saved["args"]["lr"] == pytest.approx(1e-3 * 14 / 256) and saved["args"]["mask_ratio"] == 0.75
@@ -100,7 +84,8 @@ def test_a_pretraining_and_a_finetuning_leave_args_unchanged(photos, two_classes
                                  "--epochs", 1, "--warmup_epochs", 0, "--finetune", out / "checkpoint-last.pth",
                                  "--output_dir", tmp_path / "ft", "--device", "cpu", "--mixup", 0.8])
     parsed = copy.deepcopy(vars(args))
-    finetune_engine.main(args)
+    with restored_process_state():
+        finetune_engine.main(args)
     assert vars(args) == parsed
     saved = torch.load(tmp_path / "ft" / "checkpoint-last.pth", weights_only=True)
     assert saved["args"]["global_pool"] is True and saved["epoch"] == 0

@@ -7,9 +7,6 @@ Each test was checked against a hand-made regression of the product code (docs/t
 them). Every access to a product internal goes through one of the seams right below, so that a
 redesign of engine/ only re-points them.
 """
-import logging
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -26,7 +23,6 @@ from engine.config import resolve
 from engine.data.sampler import ResumableSampler
 from engine.distributed import DDPStrategy
 from engine.interop.export import load_source, write_timm
-from engine.launch.preemption import SIGNALS
 from engine.linprobe import make_linear_probe
 from engine.trainer import NonFiniteWatch, TrainingRun, train_step
 from util.dist import LaunchEnv
@@ -34,7 +30,7 @@ from util.dist import LaunchEnv
 import main_finetune
 import main_linprobe
 import main_pretrain
-from conftest import MINI
+from conftest import MINI, restored_process_state
 
 CPU = torch.device("cpu")
 SINGLE = LaunchEnv(rank=0, world_size=1, local_rank=0, dist_url=None)
@@ -127,22 +123,6 @@ def training_run(model, optimizer, scaler, clip_grad=None) -> TrainingRun:
 def one_step(run, batch):
     """One optimizer step of the recipes' training step: (loss, logged grad norm)."""
     return train_step(run, batch, 0, NonFiniteWatch(CPU, 0))
-
-
-@contextmanager
-def restored_process_state():
-    """An in-process CLI run replaces the root logging handlers and installs signal handlers;
-    both are put back so that the rest of the session is unaffected."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def run_in_process(engine_module, args, stop_after_resume: bool = False) -> dict:
