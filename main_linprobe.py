@@ -23,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     from engine.linprobe import main
-    from util.cli import run_cli
+    from util.cli import run_training_cli
 
     parser = argparse.ArgumentParser("MAE linear probing for image classification", parents=[get_args_parser()])
-    sys.exit(run_cli(main, parser.parse_args()))
+    sys.exit(run_training_cli(main, parser))

@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     from engine.pretrain import main
-    from util.cli import run_cli
+    from util.cli import run_training_cli
 
     parser = argparse.ArgumentParser("MAE pre-training", parents=[get_args_parser()])
-    sys.exit(run_cli(main, parser.parse_args()))
+    sys.exit(run_training_cli(main, parser))

@@ -61,6 +61,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                              "job id %% 20000)")
 
     extra = parser.add_argument_group("additions to the official flags")
+    extra.add_argument("--config", default=None, metavar="FILE",
+                       help="a recipe file (YAML; configs/ has the published ones): its keys are these flags' "
+                            "names and set their values; flags given on the command line win. Every run writes "
+                            "its resolved config to <output_dir>/config.yaml, which --config takes back")
+    extra.add_argument("--print_config", action="store_true",
+                       help="print the resolved config (defaults, --config, command line, accum_iter and lr "
+                            "resolved for the number of processes) as YAML and exit, touching no data")
+    extra.add_argument("--effective_batch", type=int, default=None, metavar="N",
+                       help="the effective batch (batch_size * accum_iter * processes) the recipe asks for: "
+                            "sets --accum_iter from --batch_size and the number of processes, so one command "
+                            "serves 8 or 64 GPUs; the lr scaling uses N as always")
     extra.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                        help="autocast precision (default: bf16 on GPUs that support it, else fp16; none on CPU)")
     extra.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -44,9 +44,6 @@ def check_args(args) -> None:
                           ("num_workers", "0 loads in the training process")):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or more ({meaning}), got {getattr(args, name)}")
-    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
-        raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
-                        f"{args.accum_iter}: checkpoints are written between optimizer steps")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}, so there is nothing "
                         "to train: raise --epochs (it counts all epochs, those before --start_epoch included)")
@@ -73,9 +70,29 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
              f"this run has {world_size}; start {args.world_size} with torchrun --nproc_per_node "
              f"{args.world_size} (or srun), or drop the flag")
     check_strategy(args, world_size)
+    accum = accum_iter(args, world_size)
+    if args.save_every_steps < 0 or args.save_every_steps % accum:
+        raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
+                        f"{accum}: checkpoints are written between optimizer steps")
     if args.amp == "fp16" and device.type == "cpu":
         warn("--amp fp16 on CPU: fp16 autocast on CPUs is slow and unusual (and needs a gradient scaler); use "
              "--amp bf16 or leave --amp out (fp32 on CPU)")
+
+
+def accum_iter(args, world_size: int) -> int:
+    """--accum_iter, or the one --effective_batch asks of `world_size` processes."""
+    n = args.effective_batch
+    if n is None:
+        return args.accum_iter
+    per_step = args.batch_size * world_size
+    if n >= 1 and n % per_step == 0:
+        return n // per_step
+    procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+    per_process = f" ({n} / {procs})" if world_size > 1 else ""
+    fix = (f"a --batch_size that divides {n // world_size}{per_process}" if n >= 1 and n % world_size == 0
+           else f"a number of processes that divides {n}")
+    raise UserError(f"--effective_batch {n} is not a multiple of --batch_size {args.batch_size} x {procs} = "
+                    f"{per_step}: choose {fix}, or another --effective_batch")
 
 
 def check_wandb_args(args) -> None:

@@ -21,10 +21,12 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
+from util import config_file
 from util import dist as dist_util
 
 from .checkpoint import plain_args
-from .checks import own_future_checkpoint
+from .checks import accum_iter, own_future_checkpoint
+from .launch.slurm import launcher_dests
 
 TASKS = ("pretrain", "finetune", "linprobe")
 
@@ -204,7 +206,10 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
     if task == "pretrain":
         updates.update(decoder_arch or {})
         updates["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else default_mask_ratio
-    effective_batch = args.batch_size * args.accum_iter * world
+    accum = accum_iter(args, world)  # --effective_batch / (batch_size x processes), or --accum_iter
+    updates["accum_iter"] = accum
+    effective_batch = args.batch_size * accum * world
+    updates["effective_batch"] = effective_batch  # so that a rerun on other processes keeps it
     updates["lr"] = args.lr if args.lr is not None else args.blr * effective_batch / 256
     # A key the flags have keeps its place, a new one goes last, as the official code adds it to args.
     record = plain_args(argparse.Namespace(**{**flags, **updates}))
@@ -227,7 +232,7 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
                             global_pool=global_pool, drop_path=get("drop_path", 0.0), finetune=args.finetune)
     optim = OptimConfig(lr=updates["lr"], blr=args.blr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                         epochs=args.epochs, start_epoch=args.start_epoch, weight_decay=args.weight_decay,
-                        layer_decay=get("layer_decay", 1.0), accum_iter=args.accum_iter,
+                        layer_decay=get("layer_decay", 1.0), accum_iter=accum,
                         effective_batch=effective_batch, clip_grad=args.clip_grad,
                         skip_nonfinite=args.skip_nonfinite)
     dist = DistConfig(rank=launch.rank, world_size=world, local_rank=launch.local_rank, device=device,
@@ -251,3 +256,36 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             smoothing=args.smoothing, nb_classes=args.nb_classes)
     return RunConfig(task=task, eval_only=bool(get("eval", False)), data=data, model=model, optim=optim, dist=dist,
                      checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record))
+
+
+# Keys of the record that describe one launch, not the run: a rerun takes them from its own launcher.
+_LAUNCH_KEYS = ("rank", "world_size", "local_rank", "gpu", "distributed", "dist_url", "dist_backend", "job_name",
+                "config", "print_config")
+_CLI = {"pretrain": "main_pretrain.py", "finetune": "main_finetune.py", "linprobe": "main_linprobe.py"}
+
+
+def resolved_flags(cfg: RunConfig, args) -> dict:
+    """The run's flags with their resolved values (accum_iter, lr, mask ratio, decoder, pooling):
+    what <output_dir>/config.yaml and --print_config show, and --config takes back. A SLURM
+    launcher's own flags (--nodes, --job_dir, ...) are left out: the training CLI has none."""
+    launcher = launcher_dests()
+    out = {k: v for k, v in cfg.record.items() if k in vars(args) and k not in _LAUNCH_KEYS and k not in launcher}
+    out["device"] = args.device  # the record's cuda:<local rank> is one process's
+    return out
+
+
+def config_text(cfg: RunConfig, args) -> str:
+    """resolved_flags as the YAML of a recipe file, with a header saying where it comes from;
+    a SLURM job's launcher flags follow as comments (the launcher takes them back)."""
+    source = f"--config {args.config}, then " if args.config else ""
+    header = [f"The resolved config of a {_CLI[cfg.task]} run on {cfg.dist.world_size} process"
+              f"{'es' if cfg.dist.world_size > 1 else ''}: the defaults, {source}the command line;",
+              f"accum_iter and lr resolved (effective batch {cfg.optim.effective_batch}). "
+              f"Rerun it: {_CLI[cfg.task]} --config <this file>"]
+    text = config_file.dump(resolved_flags(cfg, args), header)
+    launcher = {k: v for k, v in vars(args).items() if k in launcher_dests() and k != "print_config"}
+    if launcher:
+        lines = config_file.dump(launcher).splitlines()
+        text += "# The SLURM launcher's flags of this job (scripts/submitit_*.py):\n"
+        text += "".join(f"# {line}\n" for line in lines)
+    return text

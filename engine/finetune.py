@@ -14,6 +14,7 @@ from .classification import preflight as classification_preflight
 from .config import AugmentConfig, RunConfig
 from .data import finetune_transform
 from .optim import adamw, param_groups_lrd
+from .recipe import print_config as print_resolved
 from .recipe import run
 
 log = logging.getLogger("mae")
@@ -67,3 +68,8 @@ def preflight(args, world_size: int, on_this_machine: bool = True):
 def main(args) -> None:
     """Fine-tuning, or with --eval the evaluation of --resume."""
     run(FinetuneRecipe(), args)
+
+
+def print_config(args, world_size: int) -> None:
+    """--print_config for a launch of `world_size` processes (the SLURM launchers)."""
+    print_resolved(FinetuneRecipe(), args, world_size)

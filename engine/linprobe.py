@@ -11,6 +11,7 @@ from .classification import preflight as classification_preflight
 from .config import RunConfig
 from .data import linprobe_transform
 from .optim import LARS
+from .recipe import print_config as print_resolved
 from .recipe import run
 
 log = logging.getLogger("mae")
@@ -60,3 +61,8 @@ def preflight(args, world_size: int, on_this_machine: bool = True):
 
 def main(args) -> None:
     run(LinprobeRecipe(), args)
+
+
+def print_config(args, world_size: int) -> None:
+    """--print_config for a launch of `world_size` processes (the SLURM launchers)."""
+    print_resolved(LinprobeRecipe(), args, world_size)

@@ -25,6 +25,7 @@ from .model_factory import build_model
 from .optim import adamw
 from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
 from .recipe import Built, loader_settings, run
+from .recipe import print_config as print_resolved
 from .visualize import fixed_batch, fixed_noise, log_reconstructions, reconstruct
 
 log = logging.getLogger("mae")
@@ -203,3 +204,8 @@ class PretrainRecipe:
 
 def main(args) -> None:
     run(PretrainRecipe(), args)
+
+
+def print_config(args, world_size: int) -> None:
+    """--print_config for a launch of `world_size` processes (the SLURM launchers)."""
+    print_resolved(PretrainRecipe(), args, world_size)

@@ -6,12 +6,13 @@ epoch and how the model is put in training mode. run() owns the order, the same 
 and strategy (the way torchtitan's trainer owns it):
 
     checks (preflight) -> the checkpoint to resume -> resolve the config (engine/config.py)
-    -> process group, seeds -> strategy -> model (built sharded under FSDP) -> loaders
+    -> process group, seeds -> <output_dir>/config.yaml -> strategy -> model (built sharded under FSDP) -> loaders
     -> optimizer, scaler -> resume -> (finished? stop) -> wrap -> checkpointer, log writer -> fit
 
 The order matters for exact resume: the weights are initialised from the seeded global RNG before
 the resumed checkpoint restores the RNG states, and nothing draws from it in between.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +22,11 @@ from typing import Callable, List, Optional, Protocol, Tuple
 import torch
 
 from util import dist as dist_util
+from util.checkpoint_io import atomic_write_text
 
 from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
-from .config import RunConfig, resolve, resume_flag
+from .checks import check_args
+from .config import RunConfig, config_text, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
 from .launch.preemption import StopRequest
@@ -89,6 +92,9 @@ def _plain_entries(ckpt: Optional[dict]) -> dict:
 
 def run(recipe: Recipe, args) -> None:
     """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
+    if args.print_config:
+        print_config(recipe, args)
+        return
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
@@ -102,6 +108,8 @@ def run(recipe: Recipe, args) -> None:
     cfg = resolve(args, recipe.task, launch, resume=resume_path, **recipe.model_facts(args, plan, found))
 
     device = setup_runtime(cfg.dist, cfg.checkpoint.output_dir if not eval_only else "")
+    if cfg.checkpoint.output_dir and not eval_only and dist_util.is_main_process():
+        atomic_write_text(os.path.join(cfg.checkpoint.output_dir, "config.yaml"), config_text(cfg, args))
     if recipe.task == "pretrain":
         log.info("job dir: %s", os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
         log.info("%s", json.dumps(dict(cfg.record), indent=1))
@@ -145,6 +153,19 @@ def run(recipe: Recipe, args) -> None:
                                        train_mode=recipe.train_mode(model), stop=StopRequest().install())
     fit(training, pos, after_epoch=recipe.after_epoch(built))
     dist_util.cleanup()
+
+
+def print_config(recipe: Recipe, args, world_size: Optional[int] = None) -> None:
+    """--print_config: the config a launch of `world_size` processes (default: this launch)
+    resolves to, as YAML on stdout (rank 0). No data, checkpoint or device is touched, so the
+    decoder a checkpoint to resume records is not read: the flags' decoder is shown."""
+    check_args(args)
+    launch = dist_util.launch_env(args.dist_on_itp, args.port)
+    if world_size is not None:
+        launch = dataclasses.replace(launch, rank=0, world_size=world_size, local_rank=0)
+    cfg = resolve(args, recipe.task, launch, resume=args.resume, **recipe.model_facts(args, None, None))
+    if launch.rank == 0:
+        print(config_text(cfg, args), end="", flush=True)
 
 
 def loader_settings(cfg: RunConfig, order: str) -> LoaderSettings:

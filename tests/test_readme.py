@@ -20,6 +20,7 @@ def test_demo_command_runs(tmp_path):
     assert_ok(proc)
     assert "Dataset: 14 images" in proc.stdout
     assert (tmp_path / "checkpoint-last.pth").exists() and (tmp_path / "log.txt").exists()
+    assert "epochs: 2\n" in (tmp_path / "config.yaml").read_text()  # the run's resolved config
 
 
 def test_ci_runs_the_readme_test_command():

@@ -5,7 +5,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +21,15 @@ def atomic_save(obj, path: str, previous: Optional[str] = None) -> None:
     version there, plus at most a stray temp file. With `previous`, the file being replaced
     is kept under that name, so a later-corrupted `path` still has a fallback.
     """
+    _atomic_write(path, lambda f: torch.save(obj, f), previous)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """A text file (the run's config.yaml) written as atomic_save writes checkpoints."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: str, write: Callable, previous: Optional[str] = None) -> None:
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     try:
@@ -29,7 +38,7 @@ def atomic_save(obj, path: str, previous: Optional[str] = None) -> None:
         raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode

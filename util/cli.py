@@ -1,6 +1,7 @@
 """Run a CLI entry point: expected failures become one line on stderr and an exit code."""
 import sys
 
+from .config_file import parse_args
 from .dist import launcher_rank as _rank
 from .errors import TrainingStopped, UserError
 
@@ -18,3 +19,9 @@ def run_cli(main, args) -> int:
             print("interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def run_training_cli(main, parser, argv=None) -> int:
+    """run_cli for the training CLIs: their flags, with `--config FILE` filling those the command
+    line leaves out (util/config_file.py); a bad file is one line too."""
+    return run_cli(lambda _: main(parse_args(parser, argv)), None)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from util import config_file
 from util.errors import TrainingStopped, UserError
 
 from . import preemption
@@ -227,14 +228,15 @@ def _print_dry_run(args, params: dict, entry: str, preflight: str, world_size: i
             print(f"{k}: {line}")
     print(f"command: {entry} with output_dir={args.output_dir}")
     print(f"world_size: {world_size} ({args.nodes} node(s) x {args.ngpus} task(s))")
-    launcher = _launcher_dests()
+    launcher = launcher_dests()
     for k, v in sorted(vars(args).items()):
         if k not in launcher and k != "job_name":
             print(f"arg.{k}: {v}")
     print(f"checks: {'passed (' + preflight + ')' if preflight else 'not run (--no_preflight)'}")
 
 
-def _launcher_dests() -> set:
+def launcher_dests() -> set:
+    """The launcher's own flags (submitit's job, not the training run's)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_launcher_args(parser)
     return set(vars(parser.parse_args([])))
@@ -260,6 +262,9 @@ def submit(args, parser, entry: str, job_name: str, preflight: str = "") -> None
             setattr(args, key, os.path.abspath(getattr(args, key)))
 
     world_size = args.nodes * args.ngpus
+    if args.print_config:  # what the job's tasks will resolve, nothing submitted
+        _load(entry.split(":")[0] + ":print_config")(args, world_size)
+        return
     checked = preflight and not args.no_preflight
     if checked:
         # Never queue a job for hours only to fail on its first line.
@@ -299,5 +304,4 @@ def launch(parser: argparse.ArgumentParser, entry: str, job_name: str, argv=None
     add_launcher_args(parser)
     # The submitting machine may have no GPU; the job's nodes decide. --device cpu opts out.
     parser.set_defaults(device="cuda")
-    args = parser.parse_args(argv)
-    return run_cli(lambda a: submit(a, parser, entry, job_name, preflight), args)
+    return run_cli(lambda _: submit(config_file.parse_args(parser, argv), parser, entry, job_name, preflight), None)
