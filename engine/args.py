@@ -122,6 +122,23 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     wandb.add_argument("--wandb_tags", default="", help="comma-separated W&B run tags")
 
 
+def add_monitor_args(parser: argparse.ArgumentParser) -> None:
+    """The representation monitor of pretraining (engine/monitor.py; README: Is pretraining working?)."""
+    g = parser.add_argument_group("representation monitor (k-NN and linear-probe top-1 of the encoder's features "
+                                  "on a labelled dataset; off by default)")
+    g.add_argument("--monitor_every", default=0, type=int, metavar="N",
+                   help="measure every N epochs and after the last (0: off); the first run also measures the "
+                        "initial weights")
+    g.add_argument("--monitor_data_path", default="", metavar="PATH",
+                   help="labelled images with a train and a val split, in any format --data_path takes "
+                        "(default: --data_path, which then needs a val split)")
+    g.add_argument("--monitor_train_size", default=10000, type=int, metavar="N",
+                   help="images in the k-NN memory bank and the probe's training set: a class-balanced subset "
+                        "of the train split, fixed by --seed")
+    g.add_argument("--monitor_val_size", default=5000, type=int, metavar="N",
+                   help="val images scored: a class-balanced subset of the val split, fixed by --seed")
+
+
 def add_classification_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the fine-tuning and linear-probing CLIs."""
     parser.add_argument("--finetune", default="", help="initialise the encoder from this pretraining checkpoint")

@@ -125,6 +125,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The representation monitor (engine/monitor.py); pretraining only."""
+    every: int               # --monitor_every: epochs; 0: off
+    data_path: str           # --monitor_data_path, or --data_path
+    train_size: int
+    val_size: int
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Fine-tuning's augmentation and targets (official names)."""
     input_size: int
@@ -156,6 +165,7 @@ class RunConfig:
     logging: LoggingConfig
     augment: Optional[AugmentConfig]
     record: Mapping[str, object]  # the flat args dict checkpoints record (read-only)
+    monitor: Optional[MonitorConfig] = None  # pretraining
 
 
 def resume_flag(args) -> str:
@@ -249,5 +259,10 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             cutmix_minmax=tuple(args.cutmix_minmax) if args.cutmix_minmax is not None else None,
             mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
             smoothing=args.smoothing, nb_classes=args.nb_classes)
+    monitor = None
+    if task == "pretrain":
+        monitor = MonitorConfig(every=args.monitor_every, data_path=args.monitor_data_path or args.data_path,
+                                train_size=args.monitor_train_size, val_size=args.monitor_val_size)
     return RunConfig(task=task, eval_only=bool(get("eval", False)), data=data, model=model, optim=optim, dist=dist,
-                     checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record))
+                     checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record),
+                     monitor=monitor)
