@@ -114,6 +114,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "training device, the workers only read files and draw the crops; "
                             "'pil' is the official PIL pipeline. Default: uint8 for pretraining and linear "
                             "probing, pil for fine-tuning (RandAugment works on PIL images)")
+    perf = parser.add_argument_group("performance: MFU in the progress line, the profiler")
+    perf.add_argument("--peak_tflops", type=float, default=None, metavar="TFLOPS",
+                      help="the device's peak for MFU (default: the dense bf16/fp16/tf32 peak of A100, H100, H200 "
+                           "from NVIDIA's data sheets, on CPU a measured matmul)")
+    perf.add_argument("--profile", action="store_true",
+                      help="write a torch.profiler trace (tensorboard, Perfetto) of --profile_steps training steps "
+                           "into <output_dir>/profile/, with ranges for data wait, forward, backward, optimizer "
+                           "step and checkpoint save; on CUDA also a memory snapshot; training goes on")
+    perf.add_argument("--profile_steps", type=int, nargs=2, default=[10, 5], metavar=("START", "COUNT"),
+                      help="the steps profiled: COUNT steps from step START of the run (default: 10 5, after warm-up)")
+    perf.add_argument("--profile_ranks", type=int, nargs="+", default=[0], metavar="RANK",
+                      help="the ranks that profile (default: 0)")
     wandb = parser.add_argument_group("Weights & Biases (optional; off without --wandb_project; WANDB_MODE=offline "
                                       "for nodes without network, then `wandb sync`)")
     wandb.add_argument("--wandb_project", default="", help="log to this W&B project (needs the wandb package)")

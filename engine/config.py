@@ -122,6 +122,10 @@ class LoggingConfig:
     wandb_run_name: str
     wandb_entity: str
     wandb_tags: str
+    peak_tflops: Optional[float] = None   # --peak_tflops: MFU's peak; None: the table / measured
+    profile: bool = False
+    profile_steps: Tuple[int, int] = (10, 5)   # start, count
+    profile_ranks: Tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -250,7 +254,8 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
     logging_ = LoggingConfig(output_dir=args.output_dir, log_dir=args.log_dir, print_freq=args.print_freq,
                              vis_every=get("vis_every", 0), wandb_project=args.wandb_project,
                              wandb_run_name=args.wandb_run_name, wandb_entity=args.wandb_entity,
-                             wandb_tags=args.wandb_tags)
+                             wandb_tags=args.wandb_tags, peak_tflops=args.peak_tflops, profile=args.profile,
+                             profile_steps=tuple(args.profile_steps), profile_ranks=tuple(args.profile_ranks))
     augment = None
     if task == "finetune":
         augment = AugmentConfig(

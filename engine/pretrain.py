@@ -22,6 +22,7 @@ from .checkpoint import may_resume
 from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes
 from .config import RunConfig
 from .data import check_batch_fits, pretrain_transform, source_from_args, to_model_input, train_loader, train_order
+from .flops import train_flops_per_image
 from .model_factory import build_model
 from .monitor import Monitor, chain, monitor_hook, monitor_sources
 from .optim import adamw
@@ -214,6 +215,13 @@ class PretrainRecipe:
     @staticmethod
     def train_mode(model):
         return None
+
+    @staticmethod
+    def train_flops_per_image(cfg: RunConfig, plan) -> int:
+        m = cfg.model
+        with torch.device("meta"):  # the run's decoder (flags or checkpoint), without memory
+            model = build_pretrain_model(m.model, m.input_size, m.norm_pix_loss, m.range_mask_ratio, dict(m.decoder))
+        return train_flops_per_image(model, m.mask_ratio, m.input_size)
 
     @staticmethod
     def after_epoch(built: Built):
