@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from engine.args import add_training_args
+from engine.args import add_monitor_args, add_training_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="decoder width (paper: 128-1024); divisible by the number of heads")
     dec.add_argument("--decoder_num_heads", default=None, type=int, metavar="H", help="decoder attention heads")
     add_training_args(parser)
+    add_monitor_args(parser)
     return parser
 
 

@@ -125,12 +125,41 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "training device, the workers only read files and draw the crops; "
                             "'pil' is the official PIL pipeline. Default: uint8 for pretraining and linear "
                             "probing, pil for fine-tuning (RandAugment works on PIL images)")
+    perf = parser.add_argument_group("performance: MFU in the progress line, the profiler")
+    perf.add_argument("--peak_tflops", type=float, default=None, metavar="TFLOPS",
+                      help="the device's peak for MFU (default: the dense bf16/fp16/tf32 peak of A100, H100, H200 "
+                           "from NVIDIA's data sheets, on CPU a measured matmul)")
+    perf.add_argument("--profile", action="store_true",
+                      help="write a torch.profiler trace (tensorboard, Perfetto) of --profile_steps training steps "
+                           "into <output_dir>/profile/, with ranges for data wait, forward, backward, optimizer "
+                           "step and checkpoint save; on CUDA also a memory snapshot; training goes on")
+    perf.add_argument("--profile_steps", type=int, nargs=2, default=[10, 5], metavar=("START", "COUNT"),
+                      help="the steps profiled: COUNT steps from step START of the run (default: 10 5, after warm-up)")
+    perf.add_argument("--profile_ranks", type=int, nargs="+", default=[0], metavar="RANK",
+                      help="the ranks that profile (default: 0)")
     wandb = parser.add_argument_group("Weights & Biases (optional; off without --wandb_project; WANDB_MODE=offline "
                                       "for nodes without network, then `wandb sync`)")
     wandb.add_argument("--wandb_project", default="", help="log to this W&B project (needs the wandb package)")
     wandb.add_argument("--wandb_run_name", default="", help="the W&B run's display name (default: W&B's)")
     wandb.add_argument("--wandb_entity", default="", help="the W&B team or user (default: your default entity)")
     wandb.add_argument("--wandb_tags", default="", help="comma-separated W&B run tags")
+
+
+def add_monitor_args(parser: argparse.ArgumentParser) -> None:
+    """The representation monitor of pretraining (engine/monitor.py; README: Is pretraining working?)."""
+    g = parser.add_argument_group("representation monitor (k-NN and linear-probe top-1 of the encoder's features "
+                                  "on a labelled dataset; off by default)")
+    g.add_argument("--monitor_every", default=0, type=int, metavar="N",
+                   help="measure every N epochs and after the last (0: off); the first run also measures the "
+                        "initial weights")
+    g.add_argument("--monitor_data_path", default="", metavar="PATH",
+                   help="labelled images with a train and a val split, in any format --data_path takes "
+                        "(default: --data_path, which then needs a val split)")
+    g.add_argument("--monitor_train_size", default=10000, type=int, metavar="N",
+                   help="images in the k-NN memory bank and the probe's training set: a class-balanced subset "
+                        "of the train split, fixed by --seed")
+    g.add_argument("--monitor_val_size", default=5000, type=int, metavar="N",
+                   help="val images scored: a class-balanced subset of the val split, fixed by --seed")
 
 
 def add_classification_args(parser: argparse.ArgumentParser) -> None:

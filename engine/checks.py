@@ -44,6 +44,12 @@ def check_args(args) -> None:
                           ("num_workers", "0 loads in the training process")):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or more ({meaning}), got {getattr(args, name)}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak_tflops must be a positive TFLOP/s, got {args.peak_tflops} (leave it out for the "
+                        "table or the measured peak)")
+    start, count = args.profile_steps
+    if start < 0 or count < 1:
+        raise UserError(f"--profile_steps START COUNT: START must be 0 or more and COUNT at least 1, got {start} {count}")
     if args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}, so there is nothing "
                         "to train: raise --epochs (it counts all epochs, those before --start_epoch included)")
@@ -74,6 +80,9 @@ def check_launch(args, world_size: int, on_this_machine: bool = True) -> None:
     if args.save_every_steps < 0 or args.save_every_steps % accum:
         raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
                         f"{accum}: checkpoints are written between optimizer steps")
+    wrong = [r for r in args.profile_ranks if not 0 <= r < world_size]
+    if args.profile and wrong:
+        raise UserError(f"--profile_ranks {' '.join(map(str, wrong))}: this launch has ranks 0 to {world_size - 1}")
     if args.amp == "fp16" and device.type == "cpu":
         warn("--amp fp16 on CPU: fp16 autocast on CPUs is slow and unusual (and needs a gradient scaler); use "
              "--amp bf16 or leave --amp out (fp32 on CPU)")

@@ -188,6 +188,9 @@ class ClassificationRecipe:
     def train_mode(self, model):
         return None
 
+    def train_flops_per_image(self, cfg: RunConfig, plan) -> None:
+        return None  # counted for pretraining only (engine/flops.py)
+
     def after_epoch(self, built: Built):
         """Evaluation on val/ after every epoch; the best top-1 is kept (checkpoint-best)."""
         best = {"max_accuracy": float(built.resumed.get("max_accuracy", 0.0))}

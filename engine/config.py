@@ -124,6 +124,19 @@ class LoggingConfig:
     wandb_run_name: str
     wandb_entity: str
     wandb_tags: str
+    peak_tflops: Optional[float] = None   # --peak_tflops: MFU's peak; None: the table / measured
+    profile: bool = False
+    profile_steps: Tuple[int, int] = (10, 5)   # start, count
+    profile_ranks: Tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The representation monitor (engine/monitor.py); pretraining only."""
+    every: int               # --monitor_every: epochs; 0: off
+    data_path: str           # --monitor_data_path, or --data_path
+    train_size: int
+    val_size: int
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,7 @@ class RunConfig:
     logging: LoggingConfig
     augment: Optional[AugmentConfig]
     record: Mapping[str, object]  # the flat args dict checkpoints record (read-only)
+    monitor: Optional[MonitorConfig] = None  # pretraining
 
 
 def resume_flag(args) -> str:
@@ -245,7 +259,8 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
     logging_ = LoggingConfig(output_dir=args.output_dir, log_dir=args.log_dir, print_freq=args.print_freq,
                              vis_every=get("vis_every", 0), wandb_project=args.wandb_project,
                              wandb_run_name=args.wandb_run_name, wandb_entity=args.wandb_entity,
-                             wandb_tags=args.wandb_tags)
+                             wandb_tags=args.wandb_tags, peak_tflops=args.peak_tflops, profile=args.profile,
+                             profile_steps=tuple(args.profile_steps), profile_ranks=tuple(args.profile_ranks))
     augment = None
     if task == "finetune":
         augment = AugmentConfig(
@@ -254,8 +269,13 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             cutmix_minmax=tuple(args.cutmix_minmax) if args.cutmix_minmax is not None else None,
             mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
             smoothing=args.smoothing, nb_classes=args.nb_classes)
+    monitor = None
+    if task == "pretrain":
+        monitor = MonitorConfig(every=args.monitor_every, data_path=args.monitor_data_path or args.data_path,
+                                train_size=args.monitor_train_size, val_size=args.monitor_val_size)
     return RunConfig(task=task, eval_only=bool(get("eval", False)), data=data, model=model, optim=optim, dist=dist,
-                     checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record))
+                     checkpoint=checkpoint, logging=logging_, augment=augment, record=MappingProxyType(record),
+                     monitor=monitor)
 
 
 # Keys of the record that describe one launch, not the run: a rerun takes them from its own launcher.

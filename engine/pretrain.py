@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from timm.optim import param_groups_weight_decay
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from util import dist as dist_util
 from util.errors import UserError
@@ -21,7 +22,9 @@ from .checkpoint import may_resume
 from .checks import check_args, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes
 from .config import RunConfig
 from .data import check_batch_fits, pretrain_transform, source_from_args, to_model_input, train_loader, train_order
+from .flops import train_flops_per_image
 from .model_factory import build_model
+from .monitor import Monitor, chain, monitor_hook, monitor_sources
 from .optim import adamw
 from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
 from .recipe import Built, loader_settings, run
@@ -69,8 +72,8 @@ def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleName
     bad input fails before any training work (and, called by a SLURM launcher with
     on_this_machine=False, before the job is submitted: CUDA and the launcher's environment are
     then left to the job). args is not changed. Returns the plan the run reuses: the training
-    images (`train_source`) and the model on the meta device (`meta_model`, the decoder flags not
-    yet reconciled with a checkpoint)."""
+    images (`train_source`), the model on the meta device (`meta_model`, the decoder flags not
+    yet reconciled with a checkpoint) and the monitor's data (`monitor`, None when off)."""
     check_args(args)
     check_pretrain_args(args)
     check_launch(args, world_size, on_this_machine)
@@ -90,7 +93,7 @@ def preflight(args, world_size: int, on_this_machine: bool = True) -> SimpleName
     train_order(source, args.data_order)
     check_batch_fits(source, args.batch_size, world_size)
     check_output_dirs(args, checkpoint_bytes(model))
-    return SimpleNamespace(train_source=source, meta_model=model)
+    return SimpleNamespace(train_source=source, meta_model=model, monitor=monitor_sources(args))
 
 
 def mae_loss(mask_ratio: float, device: torch.device):
@@ -142,6 +145,24 @@ def reconstruction_hook(cfg: RunConfig, source, model, log_writer, every_rank: b
                 log.warning("warning: reconstruction picture of epoch %d not written: %s", epoch, e)
         return {}, False, None
     return after_epoch
+
+
+def representation_monitor(built: Built, module):
+    """fit()'s after_epoch for --monitor_every (engine/monitor.py); None when off. `module` is the
+    plain module; a new run measures its initial weights here, before any training."""
+    cfg, sources = built.cfg, built.plan.monitor
+    if sources is None:
+        return None
+    if built.strategy.sharded:
+        # FSDP2 gathers the root's parameters around forward() only; the monitor calls this instead.
+        register_fsdp_forward_method(module, "encoder_features")
+    monitor = Monitor.build(sources, input_size=cfg.data.input_size, batch_size=cfg.data.batch_size,
+                            device=built.device, amp_dtype=built.amp_dtype, num_workers=min(cfg.data.num_workers, 4),
+                            seed=cfg.data.seed)
+    log.info("Monitor: %d + %d images of %s every %d epochs", len(monitor.bank[0]), len(monitor.val[0]),
+             sources.path, cfg.monitor.every)
+    return monitor_hook(monitor, module, cfg.monitor.every, cfg.optim.epochs, built.log_writer,
+                        initial=not built.resumed)
 
 
 class PretrainRecipe:
@@ -197,9 +218,18 @@ class PretrainRecipe:
         return None
 
     @staticmethod
+    def train_flops_per_image(cfg: RunConfig, plan) -> int:
+        m = cfg.model
+        with torch.device("meta"):  # the run's decoder (flags or checkpoint), without memory
+            model = build_pretrain_model(m.model, m.input_size, m.norm_pix_loss, m.range_mask_ratio, dict(m.decoder))
+        return train_flops_per_image(model, m.mask_ratio, m.input_size)
+
+    @staticmethod
     def after_epoch(built: Built):
-        return reconstruction_hook(built.cfg, built.plan.train_source, built.strategy.module(built.model),
-                                   built.log_writer, every_rank=built.strategy.sharded)
+        module = built.strategy.module(built.model)
+        pictures = reconstruction_hook(built.cfg, built.plan.train_source, module, built.log_writer,
+                                       every_rank=built.strategy.sharded)
+        return chain([pictures, representation_monitor(built, module)])
 
 
 def main(args) -> None:

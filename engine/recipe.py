@@ -29,8 +29,10 @@ from .checks import check_args
 from .config import RunConfig, config_text, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
+from .flops import peak_flops
 from .launch.preemption import StopRequest
 from .precision import resolve_amp
+from .profiling import make_profiler
 from .protocols import LogWriter, Strategy
 from .reporting.logs import make_log_writer
 from .runtime import setup_runtime
@@ -80,6 +82,10 @@ class Recipe(Protocol):
         """What puts the model in training mode at each epoch's start; None: model.train()."""
 
     def after_epoch(self, built: Built) -> Optional[AfterEpoch]: ...
+
+    def train_flops_per_image(self, cfg: RunConfig, plan) -> Optional[int]:
+        """Model FLOPs of one image's training step (engine/flops.py), for TFLOP/s and MFU in the
+        progress line; None: not counted."""
 
     def evaluate_only(self, cfg: RunConfig, strategy: Strategy, model: torch.nn.Module, val_loader,
                       device: torch.device, amp_dtype) -> None:
@@ -145,12 +151,15 @@ def run(recipe: Recipe, args) -> None:
     log_writer = make_log_writer(cfg.logging, cfg.record, resumed)  # continues the resumed run's W&B run
     if log_writer is not None:
         checkpointer.extra_state.update(log_writer.checkpoint_state())
+    flops_per_iter, peak = _flops(recipe, cfg, plan, device, amp_dtype)
     built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
     training = TrainingRun.from_config(cfg, model=train_model, strategy=strategy,
                                        compute_loss=recipe.compute_loss(cfg, device), optimizer=optimizer,
                                        scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
                                        checkpointer=checkpointer, log_writer=log_writer,
-                                       train_mode=recipe.train_mode(model), stop=StopRequest().install())
+                                       train_mode=recipe.train_mode(model), stop=StopRequest().install(),
+                                       flops_per_iter=flops_per_iter, peak_flops=peak,
+                                       profiler=make_profiler(cfg.logging, cfg.dist.rank, device))
     fit(training, pos, after_epoch=recipe.after_epoch(built))
     dist_util.cleanup()
 
@@ -173,6 +182,17 @@ def loader_settings(cfg: RunConfig, order: str) -> LoaderSettings:
     d = cfg.data
     return LoaderSettings(d.batch_size, d.seed, d.num_workers, d.pin_memory, cfg.dist.world_size, cfg.dist.rank,
                           order, d.shuffle_shards)
+
+
+def _flops(recipe: Recipe, cfg: RunConfig, plan, device: torch.device, amp_dtype) -> Tuple[Optional[float], Optional[float]]:
+    """(model FLOPs of one iteration on one device, the device's peak FLOP/s) for the progress line."""
+    per_image = recipe.train_flops_per_image(cfg, plan)
+    if not per_image:
+        return None, None
+    peak, source = peak_flops(device, amp_dtype, cfg.logging.peak_tflops)
+    log.info("Model FLOPs: %.4g GFLOP per image per training step; peak: %s TFLOP/s per device (%s)",
+             per_image / 1e9, f"{peak / 1e12:.4g}" if peak else "unknown", source)
+    return float(per_image * cfg.data.batch_size), peak
 
 
 def _log_lr(cfg: RunConfig) -> None:

@@ -23,6 +23,7 @@ from .distributed import DDPStrategy
 from .launch.preemption import StopRequest
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
+from .profiling import StepProfiler, named_range
 from .protocols import Checkpointer, LogWriter, Strategy, TrainLoader
 from .reporting.logs import append_epoch_record, report_progress
 
@@ -56,6 +57,9 @@ class TrainingRun:
     log_writer: Optional[LogWriter] = None
     train_mode: Optional[Callable[[], None]] = None  # default model.train(); linear probing freezes the encoder
     stop: Optional[StopRequest] = None
+    flops_per_iter: Optional[float] = None   # model FLOPs of one iteration on one device: TFLOP/s in the progress line
+    peak_flops: Optional[float] = None       # the device's peak FLOP/s: MFU
+    profiler: Optional[StepProfiler] = None  # --profile on this rank
     params: List[torch.nn.Parameter] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -135,19 +139,21 @@ def train_step(run: TrainingRun, batch, it: int,
     """
     last = (it + 1) % run.accum_iter == 0
     with nullcontext() if last else run.strategy.no_sync(run.model):  # gradients are averaged once per window
-        with autocast(run.device, run.amp_dtype, cache=not run.strategy.sharded):
+        with named_range("forward"), autocast(run.device, run.amp_dtype, cache=not run.strategy.sharded):
             loss = run.compute_loss(run.model, batch)
-        run.scaler.scale(loss / run.accum_iter).backward()
+        with named_range("backward"):
+            run.scaler.scale(loss / run.accum_iter).backward()
     watch.update(loss, it)
     if not last:
         return loss, None
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = grad_total_norm(run.params, run.clip_grad)
-    skip = watch.skip_step(it)
-    if not skip:
-        run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    with named_range("optimizer_step"):
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = grad_total_norm(run.params, run.clip_grad)
+        skip = watch.skip_step(it)
+        if not skip:
+            run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
     return loss, None if skip else grad_norm
 
 
@@ -166,7 +172,13 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
     lr, lr_sum = run.optimizer.param_groups[0]["lr"], 0.0
 
     run.optimizer.zero_grad(set_to_none=True)
-    for it, batch in enumerate(run.loader, start=start_iter):
+    batches, it = iter(run.loader), start_iter - 1
+    while True:
+        with named_range("data_wait"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        it += 1
         timer.data_ready()
         if it % run.accum_iter == 0:  # per-iteration schedule, set at the start of each accumulation window
             lr = adjust_learning_rate(run.optimizer, it / epoch_iters + epoch, run.schedule)
@@ -176,11 +188,14 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
             meters.update("grad_norm", grad_norm)
         lr_sum += lr
         timer.step_done()
+        if run.profiler is not None:
+            run.profiler.step()
 
         done = it + 1
         if done % run.print_freq == 0 or done == epoch_iters:
             watch.check()
-            report_progress(meters, timer, epoch, done, epoch_iters, lr, global_batch, run.device, run.log_writer)
+            report_progress(meters, timer, epoch, done, epoch_iters, lr, global_batch, run.device, run.log_writer,
+                            run.flops_per_iter, run.peak_flops)
         if done % run.accum_iter or done == epoch_iters:
             continue  # checkpoints fall between optimizer steps; fit() saves the end of the epoch
         periodic = run.save_every_steps and done % run.save_every_steps == 0
@@ -188,7 +203,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         if periodic or stopping:
             watch.check()  # never write a checkpoint with non-finite weights
             # The samples done, exact also when a resumed run changed the global batch mid-epoch.
-            run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
+            with named_range("checkpoint_save"):
+                run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
         if stopping:
             run.checkpointer.close()  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
@@ -221,8 +237,9 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
             record.update(fields)
 
         numbered = epoch % run.save_every == 0 or epoch + 1 == run.epochs
-        run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
-                              numbered=numbered, best=best, extra=extra)
+        with named_range("checkpoint_save"):
+            run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
+                                  numbered=numbered, best=best, extra=extra)
         record["epoch"] = epoch
         if run.output_dir and dist_util.is_main_process():
             if run.log_writer is not None:
@@ -232,6 +249,8 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
             run.checkpointer.close()
             run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
     run.checkpointer.close()  # the last (async) save is written before training ends
+    if run.profiler is not None:
+        run.profiler.stop()  # a run shorter than --profile_steps still writes what it traced
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

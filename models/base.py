@@ -113,6 +113,12 @@ class MaskedImageModel:
         the order forward runs them. Disjoint; every parameter outside them belongs to the root."""
         raise NotImplementedError
 
+    def encoder_features(self, imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The encoder's view of whole images (nothing masked or mixed, nothing drawn from any RNG),
+        what engine/monitor.py probes: 'patch_mean' (N, D), the mean of the final patch tokens, and
+        'cls' (N, D), the final class token, in families that have one."""
+        raise NotImplementedError
+
     def mix(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Only for mixes_images: the images the encoder saw, in pixel space (for pictures)."""
         raise NotImplementedError(f"{type(self).__name__} does not mix images")

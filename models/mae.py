@@ -197,6 +197,13 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
         x = self.norm(x)
         return x, mask, ids_restore
 
+    def encoder_features(self, imgs: torch.Tensor) -> dict:
+        n, (h, w) = imgs.shape[0], self.grid_of(imgs)
+        # An increasing noise row keeps every patch in its order and draws nothing.
+        order = torch.arange(h * w, dtype=torch.float32, device=imgs.device).expand(n, -1)
+        x, _, _ = self.forward_encoder(imgs, 0.0, order)
+        return {"cls": x[:, 0], "patch_mean": x[:, 1:].mean(dim=1)}
+
     def forward_decoder(self, x, ids_restore, grid: Optional[Tuple[int, int]] = None):
         """grid=(h, w) of the patches; only needed for non-square inputs of another size."""
         x = self.decoder_embed(x)

@@ -453,6 +453,9 @@ class MixMIM(MaskedImageModel, _MixMIMEncoder):
         mirror N-1-i where mask is 1."""
         return self.encode(imgs, self.stage_masks(mask))
 
+    def encoder_features(self, imgs: torch.Tensor) -> dict:
+        return {"patch_mean": self.encode(imgs).mean(dim=1)}  # no class token
+
     def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, L, num_features) -> (2N, L, p*p*C), the official x_rec: rows :N predict where mask
         is 1 (image i), rows N: where it is 0 (the mirror image)."""

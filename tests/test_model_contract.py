@@ -165,6 +165,24 @@ def test_classifier_shard_units_are_the_blocks(pre_name, name, kwargs, size):
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
+def test_encoder_features_see_whole_images_and_draw_nothing(name):
+    """engine/monitor.py's features: per image, independent of the batch, no RNG drawn, the class
+    token only where the family has one."""
+    model, size = pretrain_model(name)
+    model.eval()
+    x = images(3, size)
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        feats = model.encoder_features(x)
+        alone = model.encoder_features(x[1:2])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert set(feats) == ({"cls", "patch_mean"} if hasattr(model, "cls_token") else {"patch_mean"})
+    for name_, f in feats.items():
+        assert f.shape[0] == 3 and f.ndim == 2 and torch.isfinite(f).all()
+        torch.testing.assert_close(alone[name_][0], f[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRETRAIN)
 def test_mix_is_offered_only_by_mixing_models(name):
     model, size = pretrain_model(name)
     x = images(4, size)

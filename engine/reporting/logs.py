@@ -69,11 +69,24 @@ def make_log_writer(logging_cfg, record: Mapping, resumed: Optional[dict] = None
     return LogWriters(tensorboard, wandb)
 
 
+def rank_step_times(iter_time: float, device: torch.device) -> torch.Tensor:
+    """Every rank's mean step time over the window: one small all-reduce, at print time only."""
+    times = torch.zeros(dist_util.get_world_size(), dtype=torch.float64, device=device)
+    times[dist_util.get_rank()] = iter_time
+    if dist_util.is_dist():
+        torch.distributed.all_reduce(times)
+    return times.cpu()
+
+
 def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: int, epoch_iters: int, lr: float,
-                    global_batch: int, device: torch.device, log_writer: Optional[LogWriters] = None) -> None:
+                    global_batch: int, device: torch.device, log_writer: Optional[LogWriters] = None,
+                    flops_per_iter: Optional[float] = None, peak_flops: Optional[float] = None) -> None:
     """The progress line of iteration `done` and its tensorboard scalars. Every rank calls it
-    (the meters are averaged across ranks); rank 0 writes."""
+    (the meters are averaged across ranks, the step times gathered); rank 0 writes.
+    flops_per_iter: model FLOPs of one iteration on one device (engine/flops.py), for TFLOP/s and,
+    with peak_flops (per device), MFU."""
     window, timing = meters.read_window(), timer.window()
+    times = rank_step_times(timing["iter_time"], device)
     if not dist_util.is_main_process():
         return
     loss = window.get("loss", math.nan)
@@ -83,7 +96,17 @@ def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: in
     if "grad_norm" in window:
         parts.append(f"grad_norm: {window['grad_norm']:.4f}")
     parts += [f"img/s: {global_batch / timing['iter_time']:.1f}",
-              f"data: {timing['data_time']:.3f}s ({timing['data_share']:.0%})",
+              f"data: {timing['data_time']:.3f}s ({timing['data_share']:.0%})"]
+    scalars = {}
+    if flops_per_iter:
+        scalars["tflops_per_device"] = flops_per_iter / timing["iter_time"] / 1e12
+        parts.append(f"TFLOP/s: {scalars['tflops_per_device']:.3g}")
+        if peak_flops:
+            scalars["mfu"] = 100 * flops_per_iter / timing["iter_time"] / peak_flops
+            parts.append(f"MFU: {scalars['mfu']:.1f}%")
+    slow, fast = int(times.argmax()), int(times.argmin())
+    scalars["step_time_max"], scalars["step_time_min"] = float(times[slow]), float(times[fast])
+    parts += [f"step: {times[slow]:.3f}s max (rank {slow}) / {times[fast]:.3f}s min (rank {fast})",
               f"max mem: {max_memory_mb(device):.0f}MB"]
     log.info("  ".join(parts))
     if log_writer is not None:
@@ -94,6 +117,8 @@ def report_progress(meters: DeviceMeters, timer: LoopTimer, epoch: int, done: in
         if "grad_norm" in window:
             log_writer.add_scalar("grad_norm", window["grad_norm"], epoch_1000x)
         log_writer.add_scalar("img_per_s", global_batch / timing["iter_time"], epoch_1000x)
+        for name, value in scalars.items():
+            log_writer.add_scalar(f"perf_train/{name}", value, epoch_1000x)
         log_writer.end_row()  # W&B: the line's values as one row, sent now
 
 

@@ -32,7 +32,7 @@ log = logging.getLogger("mae")
 JOURNAL = "wandb-rows-{}.jsonl"
 CHECKPOINT_KEY = "wandb_run_id"
 TRAIN_AXIS, EPOCH_AXIS = "epoch_1000x", "epoch"
-_EPOCH_TAGS = ("perf/", "reconstructions")  # what engine/ logs once per epoch, at the epoch
+_EPOCH_TAGS = ("perf/", "reconstructions", "monitor/")  # what engine/ logs once per epoch, at the epoch
 
 
 def wandb_available() -> bool:
