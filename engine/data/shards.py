@@ -222,6 +222,18 @@ def _check_complete(path: str, reader) -> None:
                             "copy it again or rebuild it with scripts/make_shards.py")
 
 
+def parse_label(raw: bytes, name: str) -> int:
+    """A .cls member as a class index; text ("cat") is a UserError, not an unreadable image: the
+    image is fine, the label needs mapping."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"sample {name} has the label {text[:40]!r}, not a class index: classification reads "
+                        "integer labels 0..N-1 in the .cls members; map the class names to indices (in the order "
+                        f"of a {CLASSES_FILE} beside the shards, which names them) and write the shards again") from None
+
+
 def _classes_file(folders: Sequence[str]) -> Optional[List[str]]:
     for folder in folders:
         path = os.path.join(folder, CLASSES_FILE)
@@ -293,7 +305,7 @@ class ShardSource:
             cls = next((sample[e] for e in LABEL_EXTS if e in sample), None)
             if cls is None:
                 raise ValueError("no cls member (the label)")
-            label = int(cls.getvalue().decode().strip())
+            label = parse_label(cls.getvalue(), self.name(index))
         return image.getvalue(), label
 
     def name(self, index: int) -> str:
@@ -358,10 +370,13 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
             if not first_checked and len(reader):
                 first_checked = True
                 sample = reader[0]
-                if need_labels and not any(e in sample for e in LABEL_EXTS):
+                cls = next((sample[e] for e in LABEL_EXTS if e in sample), None)
+                if need_labels and cls is None:
                     members = ", ".join(sorted(m.lstrip(".") for m in sample if not m.startswith("__")))
                     raise UserError(f"shard {s} has no label member (.cls) in its samples (members: {members}): "
                                     "classification needs one per sample (scripts/make_shards.py writes it)")
+                if need_labels:
+                    parse_label(cls.getvalue(), f"{s}#0")
         finally:
             reader.close()
     if sum(counts) == 0:
