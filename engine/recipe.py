@@ -21,8 +21,9 @@ from typing import Callable, List, Optional, Protocol, Tuple
 import torch
 
 from util import dist as dist_util
+from util.output_lock import release_output_dirs
 
-from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
+from .checkpoint import already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, resume
 from .config import RunConfig, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
@@ -89,6 +90,13 @@ def _plain_entries(ckpt: Optional[dict]) -> dict:
 
 def run(recipe: Recipe, args) -> None:
     """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
+    try:
+        _run(recipe, args)
+    finally:  # the output folder's lock (setup_runtime) ends with the run, not with the process
+        release_output_dirs()
+
+
+def _run(recipe: Recipe, args) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
@@ -124,6 +132,7 @@ def run(recipe: Recipe, args) -> None:
              amp_dtype or "off (fp32)", strategy.name)
     pos = resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
                  model_name=cfg.model.model, explicit=bool(cfg.checkpoint.resume))
+    pos = fit_to_data(pos, len(loader.dataset))
     if already_finished(pos, cfg.optim.epochs, found):
         dist_util.cleanup()
         return

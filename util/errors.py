@@ -18,3 +18,8 @@ class TrainingStopped(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last checkpoint is left intact."""
 
     exit_code = 1
+
+
+class RankError(UserError):
+    """A problem of this process alone (it cannot join the others): every rank that meets it says so,
+    since rank 0 may never hear of it."""

@@ -141,12 +141,13 @@ def _check_columns(dataset, where: str, image: str, label: Optional[str], datase
                         + (f": pass --image_column {holding[0]}" if holding else ""))
     if label is None or isinstance(features[label], datasets.ClassLabel):
         return
-    dtype = getattr(features[label], "dtype", str(features[label]))
-    if not (dtype.startswith("int") or dtype.startswith("uint")):
-        first = dataset[0][label]
-        raise UserError(f"the label column '{label}' of {where} holds {dtype} (the first label is {first!r}), not class "
-                        f"indices: map the names to indices 0..N-1, e.g. dataset.class_encode_column('{label}') "
-                        "and save_to_disk (the ClassLabel names are then the run's class list)")
+    dtype = features[label].dtype if isinstance(features[label], datasets.Value) else None
+    if dtype is None or not dtype.startswith(("int", "uint")):
+        seen = f" (the first label is {repr(dataset.data.column(label)[0].as_py())[:40]})" if dtype else ""
+        raise UserError(f"the label column '{label}' of {where} holds {dtype or type(features[label]).__name__}{seen}, "
+                        f"not class indices: map the names to indices 0..N-1, e.g. dataset.class_encode_column('{label}') "
+                        "and save_to_disk (the ClassLabel names are then the run's class list), or name the label "
+                        "column with --label_column")
 
 
 def _label_range(dataset, label: Optional[str]) -> Optional[Tuple[int, int]]:

@@ -89,9 +89,9 @@ class KeyedSamples(Dataset):
 
     def _check_label(self, i: int, target: int) -> None:
         if self.num_classes and not 0 <= target < self.num_classes:
+            fix = f"pass --nb_classes {target + 1} or more, or fix the label" if target > 0 else "fix the label"
             raise UserError(f"sample {self.source.name(i)} has label {target}, outside 0..{self.num_classes - 1} "
-                            f"(--nb_classes {self.num_classes}): pass --nb_classes {max(target + 1, 1)} or more, "
-                            "or fix the label")
+                            f"(--nb_classes {self.num_classes}): {fix}")
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
