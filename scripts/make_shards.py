@@ -73,13 +73,14 @@ def image_member(data: bytes) -> Tuple[str, bytes]:
     return "png", out.getvalue()
 
 
-def _tar_names(path: str) -> List[str]:
-    """The member names of a whole tar file; UserError for a file that is not one or was cut short.
+def _read_tar(path: str) -> Tuple[List[str], Optional[List[int]]]:
+    """(member names, [lowest, highest] label of its .cls members or None when it has none or one is
+    not an integer) of a whole tar file; UserError for a file that is not one or was cut short.
 
     tarfile stops without a word at a header the file ends inside, and wids indexes a member whose
     data runs past the end: a whole archive ends with the all-zero end-of-archive block right after
     its last member, and nothing else does."""
-    names, size = [], os.path.getsize(path)
+    names, labels, size = [], [], os.path.getsize(path)
     try:
         with tarfile.open(path, mode="r:") as tar:  # "r:" not "r": a non-tar then fails once, in one line
             for member in tar:
@@ -87,10 +88,13 @@ def _tar_names(path: str) -> List[str]:
                     names.append(member.name)
                     if member.offset_data + member.size > size:
                         break
+                    if member.name.endswith(".cls") and labels is not None:
+                        text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                        labels = labels + [int(text)] if text.lstrip("-").isdigit() else None
             else:
                 tar.fileobj.seek(tar.offset)
                 if tar.fileobj.read(512) == bytes(512):
-                    return names
+                    return names, [min(labels), max(labels)] if labels else None
     except (tarfile.TarError, EOFError, OSError) as e:
         if not names:
             raise UserError(f"--index: {path} is not a tar file ({type(e).__name__}: {e}): remove it from the "
@@ -100,19 +104,23 @@ def _tar_names(path: str) -> List[str]:
 
 
 def write_index(shards: List[str]) -> None:
-    """wids's tar index beside each shard, and the wids shard index (shardindex.json) per folder;
-    every shard is checked first, so a bad one leaves no index written."""
+    """wids's tar index beside each shard, and the wids shard index (shardindex.json) per folder,
+    each entry with the shard's label range when its labels are integers (the readers check it
+    against --nb_classes before training); every shard is checked first, so a bad one leaves no
+    index written."""
     from wids.wids import group_by_key
     from wids.wids_tar import TarFileReader
 
-    counts = [len(group_by_key(_tar_names(path))) for path in shards]
+    read = [_read_tar(path) for path in shards]
     by_folder = {}
-    for path, nsamples in zip(shards, counts):
+    for path, (names, labels) in zip(shards, read):
         if os.path.exists(path + ".index"):
             os.remove(path + ".index")  # TarFileReader loads an existing one; rebuild it from this file
         TarFileReader(path, index_file=path + ".index", verbose=False).close()
-        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(
-            {"url": os.path.basename(path), "nsamples": nsamples, "filesize": os.path.getsize(path)})
+        entry = {"url": os.path.basename(path), "nsamples": len(group_by_key(names)), "filesize": os.path.getsize(path)}
+        if labels is not None:
+            entry["label_range"] = labels
+        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(entry)
     for folder, entries in by_folder.items():
         spec = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": os.path.basename(folder),
                 "shardlist": sorted(entries, key=lambda e: e["url"])}

@@ -120,6 +120,9 @@ def build(w: Path) -> Path:
         (d / n).write_bytes(b)
     _shards(w / "wds_text", ["cat", "dog", "cat"])
     _shards(w / "wds_big", [0, 1, 7, 1])
+    from scripts import make_shards
+    shutil.copytree(w / "wds_big", w / "wds_big_indexed")
+    make_shards.main(make_shards.get_args_parser().parse_args(["--index", str(w / "wds_big_indexed")]))
     _shards(w / "wds_neg", [-1, 0, 1, 0])
     notar = w / "wds_notar" / "train"
     notar.mkdir(parents=True)

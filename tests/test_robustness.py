@@ -58,6 +58,10 @@ CASES = [
     ("shards-text-labels", "finetune", F + " --data_path {w}/wds_text", 2, "has the label 'cat', not a class index", ()),
     ("shards-label-too-big", "finetune", F + " --data_path {w}/wds_big --data_order global", 2,
      "has label 7, outside 0..1 (--nb_classes 2)", ()),
+    ("shards-label-too-big-in-a-worker", "finetune", F.replace("--num_workers 0", "--num_workers 1")
+     + " --data_path {w}/wds_big --data_order global", 2, "has label 7, outside 0..1 (--nb_classes 2)", ()),
+    ("shards-index-label-too-big", "finetune", F + " --data_path {w}/wds_big_indexed", 2,
+     "the labels of {w}/wds_big_indexed/train run from 0 to 7, outside 0..1 (--nb_classes 2)", ()),
     ("shards-negative-label", "finetune", F + " --data_path {w}/wds_neg --data_order global", 2,
      "has label -1, outside 0..1 (--nb_classes 2)", ()),
     ("shards-not-a-tar", "pretrain", P + " --data_path {w}/wds_notar", 2, "cannot be read as a tar file", ()),
@@ -238,8 +242,11 @@ def _observe(name, cli, argv, capsys, world, before) -> None:
     import signal
     import traceback
 
+    class Hang(BaseException):  # not OSError's TimeoutError: glob and os.walk swallow OSErrors
+        pass
+
     def hang(*_):
-        raise TimeoutError("still running after 60 s")
+        raise Hang("hang: still running after 60 s")
 
     signal.signal(signal.SIGALRM, hang)
     signal.alarm(60)
@@ -340,6 +347,21 @@ def _release_held():
     while HELD:
         h = HELD.pop()
         h.close() if isinstance(h, socket.socket) else os.close(h)
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("out", [".", "shards", "train/photos"])
+def test_make_shards_refuses_an_out_in_its_source_and_leaves_it_as_it_was(world, tmp_path, capsys, out):
+    """Issue #22: shards were written into the source; a second run then died on a file the first left."""
+    src = shutil.copytree(world / "good", tmp_path / "src")
+    before = _tree(src)
+    for _ in range(2):  # the second run meets what a first one would have left
+        code, _, err = run_row("make_shards", ["--data_path", str(src), "--out", str(src / out)], capsys)
+        assert code == 2 and err.count("error: ") == 1 and "give an --out outside --data_path" in err, err
+    assert _tree(src) == before
 
 
 # ----------------------------------------------------------------------------- a real process

@@ -253,9 +253,10 @@ class ShardSource:
     """
 
     def __init__(self, root: str, shards: List[str], counts: List[int], classes: List[str],
-                 labelled: bool = True, open_shards: int = 4):
+                 labelled: bool = True, open_shards: int = 4, label_range: Optional[Tuple[int, int]] = None):
         self.root, self.shards, self.counts, self.classes = root, shards, counts, classes
         self.labelled = labelled
+        self.label_range = label_range  # (lowest, highest) from the shard index; checked before training
         self.starts = [0]
         for c in counts:
             self.starts.append(self.starts[-1] + c)
@@ -337,7 +338,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
     index: Dict[str, dict] = {}
     for folder in folders:
         index.update(_read_index(folder))
-    counts, unindexed = [], []
+    counts, unindexed, ranges = [], [], []
     for s in shards:
         entry = index.get(os.path.realpath(s))
         if entry is None:
@@ -349,6 +350,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
             raise UserError(f"shard {s} is truncated or changed ({size} bytes, {SHARD_INDEX} says "
                             f"{entry['filesize']}): copy it again or rebuild the shards with scripts/make_shards.py")
         counts.append(int(entry["nsamples"]))
+        ranges.append(entry.get("label_range"))
     if unindexed and dist_util.is_main_process():
         print(f"warning: {len(unindexed)} shard(s) of {where} are not in a {SHARD_INDEX} (first {unindexed[0]}): "
               "counting their samples now; scripts/make_shards.py --index writes the index once",
@@ -386,5 +388,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
     if classes is None:
         # Numbered; reading every label to count them would read the whole split.
         classes = [str(c) for c in range(num_classes if need_labels else 1)]
-    return ShardSource(where, shards, counts, classes, labelled=need_labels)
+    known = need_labels and not unindexed and all(isinstance(r, list) and len(r) == 2 for r in ranges)
+    label_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if known else None
+    return ShardSource(where, shards, counts, classes, labelled=need_labels, label_range=label_range)
 
