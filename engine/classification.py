@@ -90,6 +90,11 @@ def _check_classes(train_source, val_source, nb_classes: int) -> None:
     if len(val_source.classes) > nb_classes:
         raise UserError(f"the dataset has {len(val_source.classes)} classes but --nb_classes is "
                         f"{nb_classes}: pass --nb_classes {len(val_source.classes)}")
+    for source in (train_source, val_source):
+        low, high = getattr(source, "label_range", None) or (0, 0)  # the sources that know it before reading
+        if low < 0 or high >= nb_classes:
+            raise UserError(f"the labels of {source.root} run from {low} to {high}, outside 0..{nb_classes - 1} "
+                            f"(--nb_classes {nb_classes}): pass --nb_classes {high + 1} or fix the labels")
 
 
 def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: bool = False) -> SimpleNamespace:
@@ -175,12 +180,13 @@ class ClassificationRecipe:
         train_source, val_source = plan.train_source, plan.val_source
         order = train_order(train_source, cfg.data.data_order) if train_source is not None else "global"
         feed = loader_settings(cfg, order)
-        val_loader = eval_loader(val_source, self.transform(cfg, False), feed, shard=cfg.data.dist_eval)
+        val_loader = eval_loader(val_source, self.transform(cfg, False), feed, shard=cfg.data.dist_eval,
+                                 num_classes=cfg.model.nb_classes)
         if cfg.eval_only:
             log.info("Dataset: %d val images in %d classes", len(val_source), len(val_source.classes))
             return None, val_loader
         loader = train_loader(train_source, self.transform(cfg, True), cfg.data.pipeline, feed,
-                              torch_rng_only=self.torch_rng_only)
+                              torch_rng_only=self.torch_rng_only, num_classes=cfg.model.nb_classes)
         log.info("Dataset: %d train / %d val images in %d classes", len(train_source), len(val_source),
                  len(train_source.classes))
         return loader, val_loader

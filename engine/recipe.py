@@ -23,8 +23,9 @@ import torch
 
 from util import dist as dist_util
 from util.checkpoint_io import atomic_write_text
+from util.output_lock import release_output_dirs
 
-from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
+from .checkpoint import already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, resume
 from .checks import check_args
 from .config import RunConfig, config_text, resolve, resume_flag
 from .data import LoaderSettings
@@ -101,6 +102,13 @@ def run(recipe: Recipe, args) -> None:
     if args.print_config:
         print_config(recipe, args)
         return
+    try:
+        _run(recipe, args)
+    finally:  # the output folder's lock (setup_runtime) ends with the run, not with the process
+        release_output_dirs()
+
+
+def _run(recipe: Recipe, args) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
@@ -138,6 +146,7 @@ def run(recipe: Recipe, args) -> None:
              amp_dtype or "off (fp32)", strategy.name)
     pos = resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
                  model_name=cfg.model.model, explicit=bool(cfg.checkpoint.resume))
+    pos = fit_to_data(pos, len(loader.dataset))
     if already_finished(pos, cfg.optim.epochs, found):
         dist_util.cleanup()
         return

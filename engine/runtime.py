@@ -8,6 +8,7 @@ import torch
 from util import dist as dist_util
 from util.checkpoint_io import os_error_text
 from util.errors import UserError
+from util.output_lock import hold_output_dir
 from util.rng import seed_everything
 
 from .config import DistConfig
@@ -16,7 +17,8 @@ from .precision import configure_backends
 
 def setup_runtime(dist: DistConfig, output_dir: str = "") -> torch.device:
     """Joins the process group, sets up logging, seeds (seed + rank) and the backends, creates
-    output_dir (when given) on rank 0; returns the device."""
+    output_dir (when given) on rank 0 and holds it for this run (another run there is refused);
+    returns the device."""
     if dist.deterministic:
         configure_backends(torch.device("cpu"), deterministic=True)  # before the process group touches CUDA
     launch = dist_util.LaunchEnv(dist.rank, dist.world_size, dist.local_rank, dist.dist_url)
@@ -30,4 +32,5 @@ def setup_runtime(dist: DistConfig, output_dir: str = "") -> torch.device:
             os.makedirs(output_dir, exist_ok=True)
         except OSError as e:  # checked by preflight; this is a race with another process
             raise UserError(f"cannot create --output_dir {output_dir}: {os_error_text(e)}") from None
+        hold_output_dir(output_dir)
     return device

@@ -59,6 +59,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from models.patches import denorm_pix_target
 from models.state_dict import has_decoder  # noqa: F401  (part of this module's interface)
 from util.errors import UserError
+from util.walk import walk_once
 
 # ---------------------------------------------------------------- layout constants (pixels)
 MARGIN = 8
@@ -98,9 +99,8 @@ def find_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
             found.append(path)
         elif os.path.isdir(path):
             images = []
-            for root, dirs, files in os.walk(path, followlinks=True):
-                dirs.sort()
-                images += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            for root, _, files in walk_once(path):
+                images += [os.path.join(root, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
             if not images:
                 raise UserError(f"no images found in folder {path}: supported extensions are "
                                 f"{' '.join(IMG_EXTENSIONS)}")

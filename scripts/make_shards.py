@@ -20,11 +20,11 @@ takes them as options, so no tar writing of our own). Images that are neither JP
 with the source: count, label, and the image bytes (decoded pixels for re-encoded images).
 """
 import argparse
-import glob
 import io
 import json
 import os
 import sys
+import tarfile
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -34,6 +34,7 @@ from engine.data import DATA_FORMATS, open_source
 from engine.data.shards import CLASSES_FILE, SHARD_INDEX, expand_pattern
 from util.cli import run_cli
 from util.errors import UserError
+from util.walk import find_files
 
 SPLITS = ("train", "val")
 
@@ -72,26 +73,83 @@ def image_member(data: bytes) -> Tuple[str, bytes]:
     return "png", out.getvalue()
 
 
+def _read_tar(path: str) -> Tuple[List[str], Optional[List[int]]]:
+    """(member names, [lowest, highest] label of its .cls members or None when it has none or one is
+    not an integer) of a whole tar file; UserError for a file that is not one or was cut short.
+
+    tarfile stops without a word at a header the file ends inside, and wids indexes a member whose
+    data runs past the end: a whole archive ends with the all-zero end-of-archive block right after
+    its last member, and nothing else does."""
+    names, labels, size = [], [], os.path.getsize(path)
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # "r:" not "r": a non-tar then fails once, in one line
+            for member in tar:
+                if member.isfile():
+                    names.append(member.name)
+                    if member.offset_data + member.size > size:
+                        break
+                    if member.name.endswith(".cls") and labels is not None:
+                        text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                        labels = labels + [int(text)] if text.lstrip("-").isdigit() else None
+            else:
+                tar.fileobj.seek(tar.offset)
+                if tar.fileobj.read(512) == bytes(512):
+                    return names, [min(labels), max(labels)] if labels else None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if not names:
+            raise UserError(f"--index: {path} is not a tar file ({type(e).__name__}: {e}): remove it from the "
+                            "folder or copy the shard again") from None
+    raise UserError(f"--index: {path} is truncated ({size} bytes, cut after {len(names)} member(s)): copy the shard "
+                    "again or rebuild it with scripts/make_shards.py")
+
+
 def write_index(shards: List[str]) -> None:
-    """wids's tar index beside each shard, and the wids shard index (shardindex.json) per folder."""
+    """wids's tar index beside each shard, and the wids shard index (shardindex.json) per folder,
+    each entry with the shard's label range when its labels are integers (the readers check it
+    against --nb_classes before training); every shard is checked first, so a bad one leaves no
+    index written."""
     from wids.wids import group_by_key
     from wids.wids_tar import TarFileReader
 
+    read = [_read_tar(path) for path in shards]
     by_folder = {}
-    for path in shards:
+    for path, (names, labels) in zip(shards, read):
         if os.path.exists(path + ".index"):
             os.remove(path + ".index")  # TarFileReader loads an existing one; rebuild it from this file
-        reader = TarFileReader(path, index_file=path + ".index", verbose=False)
-        nsamples = len(group_by_key(reader.names()))
-        reader.close()
-        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(
-            {"url": os.path.basename(path), "nsamples": nsamples, "filesize": os.path.getsize(path)})
+        TarFileReader(path, index_file=path + ".index", verbose=False).close()
+        entry = {"url": os.path.basename(path), "nsamples": len(group_by_key(names)), "filesize": os.path.getsize(path)}
+        if labels is not None:
+            entry["label_range"] = labels
+        by_folder.setdefault(os.path.dirname(os.path.abspath(path)), []).append(entry)
     for folder, entries in by_folder.items():
         spec = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": os.path.basename(folder),
                 "shardlist": sorted(entries, key=lambda e: e["url"])}
         with open(os.path.join(folder, SHARD_INDEX), "w") as f:
             json.dump(spec, f, indent=2)
             f.write("\n")
+
+
+def _source_folder(data_path: str) -> str:
+    """The real folder a source lives in: the folder itself, or the fixed head of a shard pattern."""
+    if os.path.isdir(data_path):
+        return os.path.realpath(data_path)
+    head = data_path
+    for c in "{*?[":
+        head = head.split(c)[0]
+    return os.path.realpath(os.path.dirname(head) or ".")
+
+
+def _check_out(data_path: str, out: str, splits: List[str]) -> None:
+    """Shards written inside their source would be read back as source data by the next run (and
+    writing clears old shards out of <out>/<split>): refuse an --out that overlaps the source."""
+    src, dst = _source_folder(data_path), os.path.realpath(out)
+    inside = os.path.commonpath([src, dst]) == src
+    holds = any(os.path.commonpath([src, os.path.join(dst, s)]) == os.path.join(dst, s) for s in splits)
+    if inside or holds:
+        where = "is the source folder" if src == dst else ("is inside the source folder" if inside
+                                                              else "would overwrite the source")
+        raise UserError(f"--out {out} {where} {data_path}: the shards would be written among the data they are "
+                        "made from; give an --out outside --data_path")
 
 
 def _sources(args, check: bool):
@@ -155,8 +213,7 @@ def check_split(source, split: str, out: str, labels: bool) -> Optional[str]:
 
 def main(args) -> None:
     if args.index:
-        shards = sorted(glob.glob(os.path.join(args.index, "**", "*.tar"), recursive=True)) \
-            if os.path.isdir(args.index) else expand_pattern(args.index)
+        shards = find_files(args.index, (".tar",)) if os.path.isdir(args.index) else expand_pattern(args.index)
         if not shards or not all(os.path.isfile(s) for s in shards):
             raise UserError(f"--index {args.index}: no .tar files there (or some of the pattern are missing)")
         write_index(shards)
@@ -167,6 +224,8 @@ def main(args) -> None:
     if args.shard_size_mb <= 0 or args.max_per_shard < 1:
         raise UserError("--shard_size_mb must be positive and --max_per_shard at least 1")
     labels = not args.no_labels
+    if not args.check:
+        _check_out(args.data_path, args.out, args.splits or list(SPLITS))
     splits = _sources(args, args.check)
     if args.check:
         problems = [p for split, source in splits if (p := check_split(source, split, args.out, labels))]

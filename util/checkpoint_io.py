@@ -129,6 +129,11 @@ _ADVICE = {
 }
 
 
+def _advice(flag: Optional[str]) -> str:
+    # the scripts name their own arguments (convert_checkpoint's positional 'source')
+    return _ADVICE.get(flag, f"copy the checkpoint again or give another {flag}")
+
+
 def _named(path: str, flag: Optional[str]) -> str:
     return f"{flag} {path}" if flag else f"checkpoint {path}"
 
@@ -188,7 +193,7 @@ def load_checkpoint_file(path: str, flag: Optional[str] = None) -> dict:
             "re-save its state dicts as plain tensors/dicts") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{_named(path, flag)} is truncated or corrupt ({reason}); {_ADVICE[flag]}") from None
+        raise CheckpointError(f"{_named(path, flag)} is truncated or corrupt ({reason}); {_advice(flag)}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{_named(path, flag)} is not a dict of state dicts (got {type(ckpt).__name__})")
     return ckpt

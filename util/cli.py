@@ -3,7 +3,7 @@ import sys
 
 from .config_file import parse_args
 from .dist import launcher_rank as _rank
-from .errors import TrainingStopped, UserError
+from .errors import RankError, TrainingStopped, UserError
 
 
 def run_cli(main, args) -> int:
@@ -11,7 +11,7 @@ def run_cli(main, args) -> int:
         main(args)
     except (UserError, TrainingStopped) as e:
         # All ranks hit the same input problem; one copy of the message is enough.
-        if _rank() == 0:
+        if _rank() == 0 or isinstance(e, RankError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import RankError, UserError
 
 _CPU_GROUP = None
 
@@ -108,6 +108,10 @@ def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
     return 0, 1, 0, None
 
 
+# How long a rank waits for the others (and for rank 0's store) before it gives up with one line.
+JOIN_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str]) -> None:
     """Join the process group when launched with more than one process (nccl for CUDA devices,
     gloo otherwise, so the same command runs on CPU-only machines); on CUDA use the local GPU."""
@@ -119,10 +123,18 @@ def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Opt
     # RANK/WORLD_SIZE for any code that reads them (e.g. srun launches set only SLURM_*).
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     kwargs = dict(backend=backend, init_method=dist_url, world_size=launch.world_size, rank=launch.rank,
-                  timeout=datetime.timedelta(minutes=30))
+                  timeout=JOIN_TIMEOUT)
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", launch.local_rank)
-    dist.init_process_group(**kwargs)
+    try:
+        dist.init_process_group(**kwargs)
+    except (dist.DistError, RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError, timeouts
+        where = dist_url if dist_url and dist_url != "env://" else \
+            f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankError(f"rank {launch.rank} of {launch.world_size} cannot join the process group at {where} "
+                        f"({type(e).__name__}: {reason}): check that the port is free on rank 0's host and "
+                        "reachable from every rank, or choose another (MASTER_PORT / --port)") from None
     global _CPU_GROUP
     # Control messages (e.g. "stop now") travel over gloo so they never wait on the GPU stream.
     _CPU_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None

@@ -51,7 +51,7 @@ from .reader import (
     read_checkpoint,
     weights_of,
 )
-from .resume import already_finished, find_resume_checkpoint, may_resume, resume, resume_candidates
+from .resume import already_finished, find_resume_checkpoint, fit_to_data, may_resume, resume, resume_candidates
 from .rotation import Checkpointer
 from .single_file import FileBackend
 
@@ -67,7 +67,7 @@ def make_checkpointer(strategy, output_dir: str, model, optimizer, scaler, recor
 
 __all__ = [
     "COMPLETE", "DIR_BEST", "DIR_LAST", "DIR_PREV", "FILE_BEST", "FILE_LAST", "FILE_PREV", "FORMAT_VERSION", "META",
-    "UNREADABLE_SUFFIX", "Checkpointer", "DcpBackend", "FileBackend", "Position", "already_finished",
+    "UNREADABLE_SUFFIX", "Checkpointer", "DcpBackend", "FileBackend", "Position", "already_finished", "fit_to_data",
     "check_architecture", "describe_vit", "find_resume_checkpoint", "is_sharded", "load_full", "load_into",
     "load_meta", "load_model_weights", "load_pretrained_encoder", "make_checkpointer", "matching_model",
     "may_resume", "mismatch_report", "numbered_checkpoints", "numbered_name", "plain_args", "problem",

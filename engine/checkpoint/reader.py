@@ -17,7 +17,7 @@ from util.errors import UserError
 from ..distributed import DDPStrategy
 from . import dcp
 from .foreign import read_weight_source
-from .format import is_sharded, recorded_args
+from .format import FORMAT_VERSION, is_sharded, recorded_args
 
 log = logging.getLogger("mae")
 
@@ -34,6 +34,10 @@ def read_checkpoint(path: str, flag: Optional[str] = None, foreign: bool = True,
         ckpt = dcp.load_full(path, flag) if gather else dcp.load_meta(path, flag)
     else:
         ckpt = read_weight_source(path, flag) if foreign else load_checkpoint_file(path, flag)
+    version = ckpt.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(f"{flag or 'checkpoint'} {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} "
+                        "this code reads: update the code (git pull) to the version that wrote it")
     ckpt["_path"] = path
     return ckpt
 

@@ -109,6 +109,16 @@ def _resume_position(ckpt: dict, scaler, path: str) -> Position:
     return pos
 
 
+def fit_to_data(pos: Position, samples: int) -> Position:
+    """A mid-epoch position past the end of the data (the dataset shrank since the checkpoint) would
+    leave the sampler a negative length: that epoch is over, so training goes on with the next."""
+    if 0 < samples <= pos.samples_in_epoch:
+        log.warning("warning: the checkpoint stopped epoch %d at sample %d, but the data now has %d samples (it "
+                    "changed since): continuing at epoch %d", pos.epoch, pos.samples_in_epoch, samples, pos.epoch + 1)
+        return Position(pos.epoch + 1, 0)
+    return pos
+
+
 def already_finished(pos: Position, epochs: int, ckpt: Optional[dict]) -> bool:
     """True (with a note) when the resumed checkpoint has trained all --epochs already: rerunning a
     finished command, or a requeued job whose run had ended, is then a success with nothing to do."""

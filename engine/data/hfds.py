@@ -14,6 +14,7 @@ import re
 from typing import List, Optional, Tuple
 
 from util.errors import UserError
+from util.walk import find_files, walk_once
 
 IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 LABEL_NAMES = ("label", "labels", "cls")
@@ -41,8 +42,8 @@ def _token(split: str) -> re.Pattern:
 def parquet_files(root: str, split: str) -> List[str]:
     names = VAL_NAMES if split in VAL_NAMES else (split,)
     for n in names:
-        for pattern in (os.path.join(root, n, "**", "*.parquet"), os.path.join(root, "data", n, "**", "*.parquet")):
-            files = sorted(glob.glob(pattern, recursive=True))
+        for folder in (os.path.join(root, n), os.path.join(root, "data", n)):
+            files = find_files(folder, (".parquet",)) if os.path.isdir(folder) else []
             if files:
                 return files
         for folder in (os.path.join(root, "data"), root):
@@ -54,7 +55,8 @@ def parquet_files(root: str, split: str) -> List[str]:
 
 
 def has_parquet(path: str) -> bool:
-    return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    return os.path.isdir(path) and any(f.endswith(".parquet") for _, _, files in walk_once(path, hidden=False)
+                                       for f in files)
 
 
 def _load(data_path: str, split: str):
@@ -118,6 +120,48 @@ def _pick(features, given: Optional[str], kind, names, flag: str, what: str, whe
     return named
 
 
+def _holds_images(feature, datasets) -> bool:
+    """What cast_column(Image(decode=False)) takes: an Image, encoded bytes, file paths, or the
+    {bytes, path} struct an Image column is stored as."""
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("binary", "large_binary", "string", "large_string")
+    return isinstance(feature, dict) and set(feature) <= {"bytes", "path"} and bool(feature)
+
+
+def _check_columns(dataset, where: str, image: str, label: Optional[str], datasets) -> None:
+    """The image column must hold images, and the label column class indices: both known from the
+    features before the first step."""
+    features = dataset.features
+    if not _holds_images(features[image], datasets):
+        holding = [c for c in features if _holds_images(features[c], datasets)]
+        raise UserError(f"--image_column {image}: the column '{image}' of {where} holds {features[image]}, not images; "
+                        f"the columns that hold images: {', '.join(holding) or 'none'}"
+                        + (f": pass --image_column {holding[0]}" if holding else ""))
+    if label is None or isinstance(features[label], datasets.ClassLabel):
+        return
+    dtype = features[label].dtype if isinstance(features[label], datasets.Value) else None
+    if dtype is None or not dtype.startswith(("int", "uint")):
+        seen = f" (the first label is {repr(dataset.data.column(label)[0].as_py())[:40]})" if dtype else ""
+        raise UserError(f"the label column '{label}' of {where} holds {dtype or type(features[label]).__name__}{seen}, "
+                        f"not class indices: map the names to indices 0..N-1, e.g. dataset.class_encode_column('{label}') "
+                        "and save_to_disk (the ClassLabel names are then the run's class list), or name the label "
+                        "column with --label_column")
+
+
+def _label_range(dataset, label: Optional[str]) -> Optional[Tuple[int, int]]:
+    """(lowest, highest) label of an integer label column, read once from arrow (a ClassLabel's
+    range is its names)."""
+    if label is None:
+        return None
+    import pyarrow.compute as pc  # datasets' own dependency
+
+    bounds = pc.min_max(dataset.data.column(label))
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    return None if high is None else (int(low), int(high))
+
+
 class HFSource:
     """Rows of a datasets.Dataset: source[i] is (the image column's encoded bytes, the label
     column's int; 0 without a label column)."""
@@ -127,6 +171,7 @@ class HFSource:
         keep = [image_column] + ([label_column] if label_column else [])
         self.data = dataset.select_columns(keep).cast_column(image_column, datasets.Image(decode=False))
         self.root, self.image_column, self.label_column, self.classes = root, image_column, label_column, classes
+        self.label_range = _label_range(self.data, label_column)  # checked against --nb_classes up front
 
     def __len__(self) -> int:
         return len(self.data)
@@ -166,6 +211,7 @@ def hf_source(data_path: str, split: str, need_labels: bool, image_column: Optio
     if len(dataset) == 0:
         raise UserError(f"{where} has no rows: the '{split}' split is empty; point --data_path at a dataset "
                         "with images")
+    _check_columns(dataset, where, image, label if need_labels else None, datasets)
     if label and isinstance(features[label], datasets.ClassLabel):
         classes = list(features[label].names)
     else:

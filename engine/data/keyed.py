@@ -53,11 +53,15 @@ class KeyedSamples(Dataset):
     tensors, "device_decode" leaves JPEGs encoded (engine.data.decode); the transform must take
     what it decodes. An unreadable image is reported once (which and why) and replaced by the next
     readable sample, so one bad file never ends a long run and the replacement is reproducible.
+    A bad label is not a bad image: a label outside [0, num_classes) (num_classes > 0) or one the
+    source reports as a UserError ends the run with one line naming the sample, before the model
+    sees it (torch's index error would come mid-step, as a traceback).
     """
 
     def __init__(self, source: ImageSource, transform, seed: int, num_patches: int = 0, pipeline: str = "pil",
-                 torch_rng_only: bool = False):
+                 torch_rng_only: bool = False, num_classes: int = 0):
         self.source, self.transform, self.seed, self.num_patches = source, transform, seed, num_patches
+        self.num_classes = num_classes
         self.torch_rng_only = torch_rng_only  # the transform draws from torch only (see keyed_rng)
         self.decode = DECODERS.get(pipeline, DECODERS["pil"])
         self._reported = set()
@@ -71,7 +75,10 @@ class KeyedSamples(Dataset):
             i = (index + k) % n
             try:
                 raw, target = self.source[i]
+                self._check_label(i, target)
                 return self.decode(raw, self.source.name(i)), target
+            except UserError:
+                raise
             except Exception as e:  # PIL raises many types for corrupt or truncated files
                 name = self.source.name(i)
                 if name not in self._reported:
@@ -79,6 +86,12 @@ class KeyedSamples(Dataset):
                     print(f"warning: unreadable image {name} ({type(e).__name__}: {e}); "
                           f"using {self.source.name((i + 1) % n)} in its place", file=sys.stderr, flush=True)
         raise UserError(f"none of the {n} images under {self.source.root} can be read")
+
+    def _check_label(self, i: int, target: int) -> None:
+        if self.num_classes and not 0 <= target < self.num_classes:
+            fix = f"pass --nb_classes {target + 1} or more, or fix the label" if target > 0 else "fix the label"
+            raise UserError(f"sample {self.source.name(i)} has label {target}, outside 0..{self.num_classes - 1} "
+                            f"(--nb_classes {self.num_classes}): {fix}")
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key

@@ -87,20 +87,23 @@ def build_loader(dataset: KeyedSamples, batch_size: int, world_size: int, rank: 
 
 
 def train_loader(source: ImageSource, transform, pipeline: str, settings: LoaderSettings, noise_len: int = 0,
-                 torch_rng_only: bool = False) -> TrainLoader:
+                 torch_rng_only: bool = False, num_classes: int = 0) -> TrainLoader:
     """The training loader: `source` decoded for `pipeline` ("pil", "uint8", "device_decode"),
     `transform` drawn under each sample's key, plus `noise_len` keyed mask-noise values per sample
     (pretraining). torch_rng_only: the transform draws from torch alone (every recipe but
-    fine-tuning's RandAugment and random erasing), so numpy's and python's streams need no keying."""
-    dataset = KeyedSamples(source, transform, settings.seed, noise_len, pipeline, torch_rng_only=torch_rng_only)
+    fine-tuning's RandAugment and random erasing), so numpy's and python's streams need no keying.
+    num_classes: classification's label range, checked per sample (KeyedSamples)."""
+    dataset = KeyedSamples(source, transform, settings.seed, noise_len, pipeline, torch_rng_only=torch_rng_only,
+                           num_classes=num_classes)
     return build_loader(dataset, settings.batch_size, settings.world_size, settings.rank, settings.seed,
                         settings.num_workers, settings.pin_memory, settings.order, settings.shuffle_shards)
 
 
-def eval_loader(source: ImageSource, transform, settings: LoaderSettings, shard: bool) -> DataLoader:
+def eval_loader(source: ImageSource, transform, settings: LoaderSettings, shard: bool,
+                num_classes: int = 0) -> DataLoader:
     """Every sample once, in order; sharded over the processes with shard (--dist_eval), else
     whole on each. The eval transforms draw nothing, and decode as the official loader does."""
-    dataset = KeyedSamples(source, transform, settings.seed, torch_rng_only=True)
+    dataset = KeyedSamples(source, transform, settings.seed, torch_rng_only=True, num_classes=num_classes)
     world, rank = (settings.world_size, settings.rank) if shard else (1, 0)
     return DataLoader(dataset, sampler=ShardSampler(len(dataset), world, rank), batch_size=settings.batch_size,
                       num_workers=settings.num_workers, pin_memory=settings.pin_memory, drop_last=False)

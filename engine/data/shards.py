@@ -222,6 +222,18 @@ def _check_complete(path: str, reader) -> None:
                             "copy it again or rebuild it with scripts/make_shards.py")
 
 
+def parse_label(raw: bytes, name: str) -> int:
+    """A .cls member as a class index; text ("cat") is a UserError, not an unreadable image: the
+    image is fine, the label needs mapping."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"sample {name} has the label {text[:40]!r}, not a class index: classification reads "
+                        "integer labels 0..N-1 in the .cls members; map the class names to indices (in the order "
+                        f"of a {CLASSES_FILE} beside the shards, which names them) and write the shards again") from None
+
+
 def _classes_file(folders: Sequence[str]) -> Optional[List[str]]:
     for folder in folders:
         path = os.path.join(folder, CLASSES_FILE)
@@ -241,9 +253,10 @@ class ShardSource:
     """
 
     def __init__(self, root: str, shards: List[str], counts: List[int], classes: List[str],
-                 labelled: bool = True, open_shards: int = 4):
+                 labelled: bool = True, open_shards: int = 4, label_range: Optional[Tuple[int, int]] = None):
         self.root, self.shards, self.counts, self.classes = root, shards, counts, classes
         self.labelled = labelled
+        self.label_range = label_range  # (lowest, highest) from the shard index; checked before training
         self.starts = [0]
         for c in counts:
             self.starts.append(self.starts[-1] + c)
@@ -293,7 +306,7 @@ class ShardSource:
             cls = next((sample[e] for e in LABEL_EXTS if e in sample), None)
             if cls is None:
                 raise ValueError("no cls member (the label)")
-            label = int(cls.getvalue().decode().strip())
+            label = parse_label(cls.getvalue(), self.name(index))
         return image.getvalue(), label
 
     def name(self, index: int) -> str:
@@ -325,7 +338,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
     index: Dict[str, dict] = {}
     for folder in folders:
         index.update(_read_index(folder))
-    counts, unindexed = [], []
+    counts, unindexed, ranges = [], [], []
     for s in shards:
         entry = index.get(os.path.realpath(s))
         if entry is None:
@@ -337,6 +350,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
             raise UserError(f"shard {s} is truncated or changed ({size} bytes, {SHARD_INDEX} says "
                             f"{entry['filesize']}): copy it again or rebuild the shards with scripts/make_shards.py")
         counts.append(int(entry["nsamples"]))
+        ranges.append(entry.get("label_range"))
     if unindexed and dist_util.is_main_process():
         print(f"warning: {len(unindexed)} shard(s) of {where} are not in a {SHARD_INDEX} (first {unindexed[0]}): "
               "counting their samples now; scripts/make_shards.py --index writes the index once",
@@ -358,10 +372,13 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
             if not first_checked and len(reader):
                 first_checked = True
                 sample = reader[0]
-                if need_labels and not any(e in sample for e in LABEL_EXTS):
+                cls = next((sample[e] for e in LABEL_EXTS if e in sample), None)
+                if need_labels and cls is None:
                     members = ", ".join(sorted(m.lstrip(".") for m in sample if not m.startswith("__")))
                     raise UserError(f"shard {s} has no label member (.cls) in its samples (members: {members}): "
                                     "classification needs one per sample (scripts/make_shards.py writes it)")
+                if need_labels:
+                    parse_label(cls.getvalue(), f"{s}#0")
         finally:
             reader.close()
     if sum(counts) == 0:
@@ -371,5 +388,7 @@ def shard_source(data_path: str, split: str, need_labels: bool, num_classes: int
     if classes is None:
         # Numbered; reading every label to count them would read the whole split.
         classes = [str(c) for c in range(num_classes if need_labels else 1)]
-    return ShardSource(where, shards, counts, classes, labelled=need_labels)
+    known = need_labels and not unindexed and all(isinstance(r, list) and len(r) == 2 for r in ranges)
+    label_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if known else None
+    return ShardSource(where, shards, counts, classes, labelled=need_labels, label_range=label_range)
 

@@ -7,6 +7,8 @@ import os
 import shlex
 from typing import List, Optional
 
+from util.walk import walk_once
+
 from .export import Source, hf_class, official_names, timm_config
 
 _SKIPPED_FLAGS = {"world_size", "local_rank", "dist_url", "dist_on_itp", "device", "port", "gpu", "rank",
@@ -32,7 +34,7 @@ def dataset_size(data_path: Optional[str], split: str = "train") -> Optional[int
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         return None
-    return sum(name.lower().endswith(IMG_EXTENSIONS) for _, _, names in os.walk(root, followlinks=True)
+    return sum(name.lower().endswith(IMG_EXTENSIONS) for _, _, names in walk_once(root)
                for name in names)
 
 
