@@ -23,9 +23,11 @@ import torch
 from util import dist as dist_util
 
 from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
+from .checks import check_writable_dir
 from .config import RunConfig, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
+from .launch import runlock
 from .launch.preemption import StopRequest
 from .precision import resolve_amp
 from .protocols import LogWriter, Strategy
@@ -89,10 +91,23 @@ def _plain_entries(ckpt: Optional[dict]) -> dict:
 
 def run(recipe: Recipe, args) -> None:
     """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
+    eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
+    lock = None
+    if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
+        # First of all: a second run on this folder must fail before it reads or writes anything there.
+        check_writable_dir(args.output_dir, "--output_dir")
+        lock = runlock.acquire(args.output_dir)
+    try:
+        _run(recipe, args, eval_only)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(recipe: Recipe, args, eval_only: bool) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
-    eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
     resume_path = args.resume if eval_only else resume_flag(args)
     unreadable: List[str] = []
     found = None
