@@ -95,6 +95,9 @@ class DistConfig:
     amp: Optional[str]
     deterministic: bool
     seed: int
+    dist_timeout_s: float = 1800.0       # the process group's
+    step_timeout_s: Optional[float] = None  # the hang watchdog's (engine/launch/watchdog.py); None: automatic, 0: off
+    startup_timeout_s: float = 1200.0
 
     @property
     def distributed(self) -> bool:
@@ -233,7 +236,9 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
     dist = DistConfig(rank=launch.rank, world_size=world, local_rank=launch.local_rank, device=device,
                       dist_url=updates.get("dist_url", args.dist_url), dist_backend=updates.get("dist_backend"),
                       strategy=args.dist_strategy, shard_size=args.fsdp_shard_size, compile=args.compile,
-                      grad_ckpt=args.grad_ckpt, amp=args.amp, deterministic=args.deterministic, seed=args.seed)
+                      grad_ckpt=args.grad_ckpt, amp=args.amp, deterministic=args.deterministic, seed=args.seed,
+                      dist_timeout_s=args.dist_timeout_s, step_timeout_s=args.step_timeout_s,
+                      startup_timeout_s=args.startup_timeout_s)
     checkpoint = CheckpointConfig(output_dir=args.output_dir, resume=resume, auto_resume=not args.no_auto_resume,
                                   save_every=args.save_every, save_every_steps=args.save_every_steps,
                                   keep_last=args.keep_last, async_save=args.async_save)

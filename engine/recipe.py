@@ -12,6 +12,7 @@ and strategy (the way torchtitan's trainer owns it):
 The order matters for exact resume: the weights are initialised from the seeded global RNG before
 the resumed checkpoint restores the RNG states, and nothing draws from it in between.
 """
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Callable, List, Optional, Protocol, Tuple
 import torch
 
 from util import dist as dist_util
+from util import test_hooks
 
 from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
 from .checks import check_writable_dir
@@ -29,6 +31,7 @@ from .data import LoaderSettings
 from .distributed import make_strategy
 from .launch import runlock
 from .launch.preemption import StopRequest
+from .launch.watchdog import Watchdog
 from .precision import resolve_amp
 from .protocols import LogWriter, Strategy
 from .reporting.logs import make_log_writer
@@ -92,19 +95,15 @@ def _plain_entries(ckpt: Optional[dict]) -> dict:
 def run(recipe: Recipe, args) -> None:
     """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
     eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
-    lock = None
-    if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
-        # First of all: a second run on this folder must fail before it reads or writes anything there.
-        check_writable_dir(args.output_dir, "--output_dir")
-        lock = runlock.acquire(args.output_dir)
-    try:
-        _run(recipe, args, eval_only)
-    finally:
-        if lock is not None:
-            lock.release()
+    with contextlib.ExitStack() as closing:
+        if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
+            # First of all: a second run on this folder must fail before it reads or writes anything there.
+            check_writable_dir(args.output_dir, "--output_dir")
+            closing.callback(runlock.acquire(args.output_dir).release)
+        _run(recipe, args, eval_only, closing)
 
 
-def _run(recipe: Recipe, args, eval_only: bool) -> None:
+def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
@@ -115,6 +114,12 @@ def _run(recipe: Recipe, args, eval_only: bool) -> None:
         found = find_resume_checkpoint(resume_path, args.output_dir, not args.no_auto_resume,
                                        args.dist_strategy == "fsdp", unreadable)
     cfg = resolve(args, recipe.task, launch, resume=resume_path, **recipe.model_facts(args, plan, found))
+    watchdog = Watchdog.disabled()
+    if not eval_only and cfg.dist.step_timeout_s != 0:
+        # From here: a hang in the process group's set-up, a resume or a compile is caught too.
+        watchdog = Watchdog(cfg.checkpoint.output_dir, cfg.dist.rank, cfg.dist.step_timeout_s,
+                            cfg.dist.startup_timeout_s).start()
+        closing.callback(watchdog.stop)
 
     device = setup_runtime(cfg.dist, cfg.checkpoint.output_dir if not eval_only else "")
     if recipe.task == "pretrain":
@@ -153,8 +158,11 @@ def _run(recipe: Recipe, args, eval_only: bool) -> None:
     if log_writer is not None:
         checkpointer.extra_state.update(log_writer.checkpoint_state())
     built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
+    compute_loss = recipe.compute_loss(cfg, device)
+    if test_hooks.ACTIVE:
+        compute_loss = test_hooks.wrap_loss(compute_loss, cfg.dist.rank)
     training = TrainingRun.from_config(cfg, model=train_model, strategy=strategy,
-                                       compute_loss=recipe.compute_loss(cfg, device), optimizer=optimizer,
+                                       compute_loss=compute_loss, optimizer=optimizer, watchdog=watchdog,
                                        scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
                                        checkpointer=checkpointer, log_writer=log_writer,
                                        train_mode=recipe.train_mode(model), stop=StopRequest().install())

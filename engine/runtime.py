@@ -20,7 +20,7 @@ def setup_runtime(dist: DistConfig, output_dir: str = "") -> torch.device:
     if dist.deterministic:
         configure_backends(torch.device("cpu"), deterministic=True)  # before the process group touches CUDA
     launch = dist_util.LaunchEnv(dist.rank, dist.world_size, dist.local_rank, dist.dist_url)
-    dist_util.init_distributed(launch, dist.device, dist.dist_url, dist.dist_backend)
+    dist_util.init_distributed(launch, dist.device, dist.dist_url, dist.dist_backend, dist.dist_timeout_s)
     dist_util.setup_logging()
     device = torch.device(dist.device)
     seed_everything(dist.seed + dist_util.get_rank())

@@ -21,6 +21,7 @@ from util.meters import DeviceMeters, LoopTimer
 
 from .distributed import DDPStrategy
 from .launch.preemption import StopRequest
+from .launch.watchdog import Watchdog
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
 from .protocols import Checkpointer, LogWriter, Strategy, TrainLoader
@@ -56,6 +57,7 @@ class TrainingRun:
     log_writer: Optional[LogWriter] = None
     train_mode: Optional[Callable[[], None]] = None  # default model.train(); linear probing freezes the encoder
     stop: Optional[StopRequest] = None
+    watchdog: Watchdog = field(default_factory=Watchdog.disabled)  # told of every optimizer step
     params: List[torch.nn.Parameter] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -178,6 +180,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         timer.step_done()
 
         done = it + 1
+        if done % run.accum_iter == 0:
+            run.watchdog.step_done()
         if done % run.print_freq == 0 or done == epoch_iters:
             watch.check()
             report_progress(meters, timer, epoch, done, epoch_iters, lr, global_batch, run.device, run.log_writer)
@@ -187,10 +191,12 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         stopping = run.stop is not None and run.stop.agreed()
         if periodic or stopping:
             watch.check()  # never write a checkpoint with non-finite weights
-            # The samples done, exact also when a resumed run changed the global batch mid-epoch.
-            run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
+            with run.watchdog.slow("a checkpoint save"):
+                # The samples done, exact also when a resumed run changed the global batch mid-epoch.
+                run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
+                if stopping:
+                    run.checkpointer.close()  # an async save is complete before the process hands over
         if stopping:
-            run.checkpointer.close()  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
 
     watch.check()
@@ -217,21 +223,25 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
         record = {f"train_{k}": v for k, v in stats.items()}
         best, extra = False, None
         if after_epoch is not None:
-            fields, best, extra = after_epoch(epoch)
+            with run.watchdog.slow("the end-of-epoch evaluation"):
+                fields, best, extra = after_epoch(epoch)
             record.update(fields)
 
         numbered = epoch % run.save_every == 0 or epoch + 1 == run.epochs
-        run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
-                              numbered=numbered, best=best, extra=extra)
+        with run.watchdog.slow("a checkpoint save"):
+            run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
+                                  numbered=numbered, best=best, extra=extra)
         record["epoch"] = epoch
         if run.output_dir and dist_util.is_main_process():
             if run.log_writer is not None:
                 run.log_writer.flush()
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
-            run.checkpointer.close()
+            with run.watchdog.slow("a checkpoint save"):
+                run.checkpointer.close()
             run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
-    run.checkpointer.close()  # the last (async) save is written before training ends
+    with run.watchdog.slow("a checkpoint save"):
+        run.checkpointer.close()  # the last (async) save is written before training ends
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

@@ -108,7 +108,8 @@ def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
     return 0, 1, 0, None
 
 
-def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str]) -> None:
+def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str],
+                     timeout_s: float = 1800) -> None:
     """Join the process group when launched with more than one process (nccl for CUDA devices,
     gloo otherwise, so the same command runs on CPU-only machines); on CUDA use the local GPU."""
     device_type = torch.device(device).type
@@ -119,7 +120,7 @@ def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Opt
     # RANK/WORLD_SIZE for any code that reads them (e.g. srun launches set only SLURM_*).
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     kwargs = dict(backend=backend, init_method=dist_url, world_size=launch.world_size, rank=launch.rank,
-                  timeout=datetime.timedelta(minutes=30))
+                  timeout=datetime.timedelta(seconds=timeout_s))
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", launch.local_rank)
     dist.init_process_group(**kwargs)
