@@ -123,6 +123,13 @@ def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Opt
                   timeout=datetime.timedelta(seconds=timeout_s))
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", launch.local_rank)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None:
+        # torchrun --max-restarts: its store outlives a restart and still holds the previous attempt's
+        # keys (a dead worker's gloo address): the restarted group must not read them.
+        store, _, _ = next(dist.rendezvous(kwargs.pop("init_method"), launch.rank, launch.world_size,
+                                           timeout=kwargs["timeout"]))
+        kwargs["store"] = dist.PrefixStore(f"attempt_{attempt}", store)
     dist.init_process_group(**kwargs)
     global _CPU_GROUP
     # Control messages (e.g. "stop now") travel over gloo so they never wait on the GPU stream.
