@@ -24,7 +24,7 @@ import torch
 from util import dist as dist_util
 from util import test_hooks
 
-from .checkpoint import already_finished, find_resume_checkpoint, make_checkpointer, resume
+from .checkpoint import Position, already_finished, find_resume_checkpoint, make_checkpointer, may_resume, resume
 from .checks import check_writable_dir
 from .config import RunConfig, resolve, resume_flag
 from .data import LoaderSettings
@@ -35,6 +35,7 @@ from .launch.watchdog import Watchdog
 from .precision import resolve_amp
 from .protocols import LogWriter, Strategy
 from .reporting.logs import make_log_writer
+from .rollback import STATE_KEY, Rollback
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
 
@@ -157,6 +158,11 @@ def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -
     log_writer = make_log_writer(cfg.logging, cfg.record, resumed)  # continues the resumed run's W&B run
     if log_writer is not None:
         checkpointer.extra_state.update(log_writer.checkpoint_state())
+    rollback = None
+    if cfg.optim.on_nonfinite == "rollback":
+        if STATE_KEY in resumed:
+            checkpointer.extra_state[STATE_KEY] = resumed[STATE_KEY]
+        rollback = _rollback(cfg, strategy, model, optimizer, scaler, checkpointer, loader, pos)
     built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
     compute_loss = recipe.compute_loss(cfg, device)
     if test_hooks.ACTIVE:
@@ -165,9 +171,28 @@ def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -
                                        compute_loss=compute_loss, optimizer=optimizer, watchdog=watchdog,
                                        scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
                                        checkpointer=checkpointer, log_writer=log_writer,
-                                       train_mode=recipe.train_mode(model), stop=StopRequest().install())
+                                       train_mode=recipe.train_mode(model), stop=StopRequest().install(),
+                                       rollback=rollback)
     fit(training, pos, after_epoch=recipe.after_epoch(built))
     dist_util.cleanup()
+
+
+def _rollback(cfg: RunConfig, strategy: Strategy, model, optimizer, scaler, checkpointer, loader,
+              pos: Position) -> Rollback:
+    """--on_nonfinite rollback: what reloads the run's newest checkpoint in-process. A run with no
+    checkpoint of its own yet writes one of its starting point, the state a first rollback returns to."""
+    output_dir = cfg.checkpoint.output_dir
+    if not may_resume("", output_dir, True):
+        done = pos.samples_in_epoch // loader.global_batch
+        checkpointer.save(pos.epoch, done, loader.iters_per_epoch, pos.samples_in_epoch)
+
+    def reload() -> Position:
+        checkpointer.close()
+        found = find_resume_checkpoint("", output_dir, True, strategy.sharded)
+        return resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
+                      model_name=cfg.model.model, explicit=False)
+
+    return Rollback(reload, cfg.optim.max_rollbacks, checkpointer.extra_state, loader.sample_ids)
 
 
 def loader_settings(cfg: RunConfig, order: str) -> LoaderSettings:

@@ -57,9 +57,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_and_kill(args, pattern: str, nproc: int = 1, timeout: float = 240):
-    """Start the CLI, SIGKILL its whole process group once a stdout line matches pattern."""
-    proc = subprocess.Popen(main_cmd("main_pretrain.py", args, nproc), cwd=REPO, env=cli_env(),
+def run_and_kill(args, pattern: str, nproc: int = 1, timeout: float = 240, hooks: str = ""):
+    """Start the CLI, SIGKILL its whole process group once a stdout line matches pattern.
+    hooks: MAE_TEST_HOOKS (util/test_hooks.py)."""
+    env = dict(cli_env(), MAE_TEST_HOOKS=hooks) if hooks else cli_env()
+    proc = subprocess.Popen(main_cmd("main_pretrain.py", args, nproc), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = [], time.time() + timeout
     try:

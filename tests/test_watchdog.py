@@ -73,7 +73,7 @@ def test_stopped_rank_ends_the_job_then_the_rerun_is_bit_identical(photos, unint
             "--startup_timeout_s", 60]  # rank 0 may wait in a checkpoint save: that allowance is 60 s
     proc = start(args, nproc=2)
     seen = wait_for(proc, r"Epoch: \[0\]  \[3/7\]")
-    workers = [p for p in descendants(proc.pid) if "RANK=1\0" in open(f"/proc/{p}/environ").read()]
+    workers = [p for p in descendants(proc.pid) if "\0RANK=1\0" in "\0" + open(f"/proc/{p}/environ").read()]
     assert len(workers) == 1, workers
     os.kill(workers[0], signal.SIGSTOP)
     stopped = time.time()

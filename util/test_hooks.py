@@ -6,6 +6,7 @@ MAE_TEST_HOOKS is set (read here, once, at import; no flag reaches it). Comma-se
   stall_first_step=R      rank R hangs in its first forward pass (start-up, compile): tests/test_watchdog.py
   nonfinite_sample=E:I    the loss of the batch holding sample I of epoch E is NaN (pretraining; the
                           sample's label carries the mark to the loss): tests/test_rollback.py
+  nonfinite_epoch=E       ... of every batch of epoch E
 """
 import os
 import time
@@ -42,7 +43,7 @@ def sample(key: Tuple[int, int], out: tuple) -> tuple:
     """KeyedSamples' result for `key`, as the hooks change it."""
     if key == _key("stall_sample"):
         _stall()
-    if key == _key("nonfinite_sample"):
+    if key == _key("nonfinite_sample") or str(key[0]) == HOOKS.get("nonfinite_epoch"):
         return (out[0], _POISON, *out[2:])
     return out
 
@@ -50,7 +51,7 @@ def sample(key: Tuple[int, int], out: tuple) -> tuple:
 def wrap_loss(compute_loss: Callable, rank: int) -> Callable:
     """The recipe's loss as the hooks change it (unchanged without loss hooks)."""
     stall_rank = int(HOOKS["stall_first_step"]) if "stall_first_step" in HOOKS else None
-    poison = "nonfinite_sample" in HOOKS
+    poison = "nonfinite_sample" in HOOKS or "nonfinite_epoch" in HOOKS
     if stall_rank is None and not poison:
         return compute_loss
 
