@@ -141,3 +141,9 @@ def test_hang_in_the_first_step_ends_the_run_then_the_rerun_is_bit_identical(pho
     rerun = pretrain(args)
     assert_ok(rerun)
     assert_identical(uninterrupted / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")
+
+
+def test_watchdog_changes_no_number(photos, uninterrupted, tmp_path):
+    """The reference runs have the watchdog on (the default); without it the weights are the same."""
+    assert_ok(pretrain([*RUN, "--data_path", photos, "--output_dir", tmp_path, "--step_timeout_s", 0]))
+    assert_identical(uninterrupted / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")
