@@ -25,7 +25,6 @@ from util import dist as dist_util
 from util import test_hooks
 
 from .checkpoint import Position, already_finished, find_resume_checkpoint, make_checkpointer, may_resume, resume
-from .checks import check_writable_dir
 from .config import RunConfig, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
@@ -96,16 +95,16 @@ def _plain_entries(ckpt: Optional[dict]) -> dict:
 def run(recipe: Recipe, args) -> None:
     """Train (or, with --eval, evaluate) as `args` asks. args is read, never written."""
     eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
-    with contextlib.ExitStack() as closing:
-        if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
-            # First of all: a second run on this folder must fail before it reads or writes anything there.
-            check_writable_dir(args.output_dir, "--output_dir")
-            closing.callback(runlock.acquire(args.output_dir).release)
+    with contextlib.ExitStack() as closing:  # the run lock and the watchdog, released however the run ends
         _run(recipe, args, eval_only, closing)
 
 
 def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
+    if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
+        # Right after the checks (a bad flag creates no folder), before the run reads or writes anything
+        # in the folder: a second run on it must fail here.
+        closing.callback(runlock.acquire(args.output_dir).release)
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
     resume_path = args.resume if eval_only else resume_flag(args)
