@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (compiled in warm-up)")
     parser.add_argument("--peer", action="store_true",
                         help="also time transformers' ViTMAEForPreTraining in the official loop, interleaved")
+    parser.add_argument("--watchdog", action="store_true",
+                        help="step mode: also time our step with the hang watchdog running (engine/launch/watchdog.py), "
+                             "interleaved with the step without it, on the same model")
     parser.add_argument("--peer_attention", choices=["sdpa", "eager"], default="sdpa",
                         help="the peer's attention: transformers' default (sdpa) or eager, the explicit "
                              "softmax(QK^T)V of the official code's timm 0.3 blocks")
@@ -175,6 +178,8 @@ def main(args) -> None:
         print(format_table(r["rows"], STEP_COLUMNS))
         if r["speedup_vs_peer"] is not None:
             print(f"# ours / peer: {r['speedup_vs_peer']:.2f}x (peer attention: {r['peer_attention']})")
+        if r["watchdog_overhead_percent"] is not None:
+            print(f"# the watchdog's cost: {r['watchdog_overhead_percent']:+.2f}% s/step (ours + watchdog vs ours)")
         print(f"# data: {r['data']}; peak: {r['peak_matmul']['size']}^2 {r['peak_matmul']['dtype']} "
               f"{r['peak_matmul']['op']}; peak mem: {r['peak_mem_kind']}; final loss {r['last_loss']:.4f}")
         contention = r["rows"][0]["cpu_contention"]

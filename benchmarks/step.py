@@ -19,6 +19,7 @@ from benchmarks.flops import (
 )
 from engine.data import LoaderSettings, open_source, pretrain_transform, train_loader
 from engine.distributed import DDPStrategy
+from engine.launch.watchdog import Watchdog
 from engine.model_factory import build_model
 from engine.optim import adamw
 from engine.precision import configure_backends, resolve_amp
@@ -35,7 +36,8 @@ class OurStep:
     """engine.trainer.train_step, the step the training loop runs, on a run as engine/pretrain.py
     builds it (wrapped by the same strategy), without accumulation."""
 
-    def __init__(self, model, args, device, amp_dtype, batches: Optional[Callable] = None):
+    def __init__(self, model, args, device, amp_dtype, batches: Optional[Callable] = None,
+                 watchdog: Optional[Watchdog] = None):
         strategy = DDPStrategy(device, compile=args.compile)
         optimizer = adamw(param_groups_weight_decay(model, WEIGHT_DECAY), LR, device, betas=(0.9, 0.95))
         self.run = TrainingRun(model=strategy.wrap(model), compute_loss=mae_loss(args.mask_ratio, device),
@@ -43,6 +45,7 @@ class OurStep:
                                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
         self.watch = NonFiniteWatch(device, epoch=0)
         self.batches, self.data_wait, self.it = batches, 0.0, 0
+        self.watchdog = watchdog  # told of every step, as the epoch loop tells it (train_one_epoch)
         self.loss = self.grad_norm = None
 
     def __call__(self):
@@ -50,6 +53,8 @@ class OurStep:
         batch = self.batches()
         self.data_wait += time.perf_counter() - t0
         self.loss, self.grad_norm = train_step(self.run, batch, self.it, self.watch)
+        if self.watchdog is not None:
+            self.watchdog.step_done()
         self.it += 1
 
 
@@ -186,7 +191,16 @@ def run_step(args, device) -> Dict:
     if args.peer:
         peer = peer_model(model, args.peer_attention).to(device).train(True)
         steps["peer"] = OfficialStep(peer, args, device, amp_dtype, images, model.mask_noise_len)
-    timings = time_interleaved(steps, args, device)
+    watchdog = None
+    if args.watchdog:
+        # The same model and work, with the hang watchdog's thread running (its training defaults).
+        watchdog = Watchdog("", 0, None, startup_timeout_s=1200).start()
+        steps["ours + watchdog"] = OurStep(model, args, device, amp_dtype, batches, watchdog=watchdog)
+    try:
+        timings = time_interleaved(steps, args, device)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
 
     if vit_mae:
         flops_per_step = mae_train_flops(model, n, args.mask_ratio, size)
@@ -202,7 +216,7 @@ def run_step(args, device) -> Dict:
         median = statistics.median(t["step_s"])
         achieved = flops_per_step / median
         rows.append({
-            "impl": name if name == "ours" else "peer (transformers, official loop)",
+            "impl": {"peer": "peer (transformers, official loop)"}.get(name, name),
             "model": args.model, "batch_size": n, "input_size": size, "mask_ratio": args.mask_ratio,
             "amp": "none" if amp_dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
             "compile": bool(args.compile) and name == "ours", "device": device.type,
@@ -217,6 +231,8 @@ def run_step(args, device) -> Dict:
     result = {
         "mode": "step", "rows": rows,
         "speedup_vs_peer": rows[0]["img_per_s"] / rows[1]["img_per_s"] if args.peer else None,
+        "watchdog_overhead_percent": (100 * (rows[-1]["s_per_step"] / rows[0]["s_per_step"] - 1)
+                                      if args.watchdog else None),
         "peer_attention": getattr(steps["peer"].peer.config, "_attn_implementation", None) if args.peer else None,
         "data": (f"{args.data_path} ({args.data_pipeline}, {args.num_workers} workers)" if args.data_path
                  else "synthetic"),

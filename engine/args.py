@@ -88,8 +88,22 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="keep only the K newest checkpoint-<epoch>.pth (0: keep all)")
     extra.add_argument("--no_auto_resume", action="store_true",
                        help="do not resume from <output_dir>/checkpoint-last.pth when it exists")
-    extra.add_argument("--skip_nonfinite", action="store_true",
-                       help="skip optimizer steps whose loss is not finite instead of stopping")
+    extra.add_argument("--on_nonfinite", choices=["stop", "skip", "rollback"], default=None,
+                       help="what a non-finite loss does: stop training (default), skip that optimizer step, or "
+                            "rollback: reload the last checkpoint in-process and replay without the samples of "
+                            "that step (listed in the log and in the checkpoints)")
+    extra.add_argument("--skip_nonfinite", action="store_true", help="the same as --on_nonfinite skip")
+    extra.add_argument("--max_rollbacks", type=int, default=3, metavar="N",
+                       help="--on_nonfinite rollback: stop once N windows of samples were skipped")
+    extra.add_argument("--step_timeout_s", type=float, default=None, metavar="S",
+                       help="hang watchdog: end the process (stacks in <output_dir>/hang/, exit code 124) when no "
+                            "optimizer step completes within S seconds (default: max(600, 20x the median step "
+                            "time); 0: no watchdog)")
+    extra.add_argument("--startup_timeout_s", type=float, default=1200, metavar="S",
+                       help="hang watchdog: the allowance of start-up up to the first optimizer step (compile "
+                            "included), of a checkpoint save and of an evaluation")
+    extra.add_argument("--dist_timeout_s", type=float, default=1800, metavar="S",
+                       help="process-group timeout: a collective that waits longer fails")
     extra.add_argument("--grad_ckpt", action="store_true",
                        help="activation checkpointing: recompute each block in the backward pass (less memory "
                             "for ViT-H or large batches, about a third more compute)")

@@ -37,6 +37,19 @@ def check_args(args) -> None:
             raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.lr is not None and not args.lr >= 0:
         raise UserError(f"--lr must be 0 or more, got {args.lr} (leave it out to scale --blr by the batch)")
+    if args.step_timeout_s is not None and not args.step_timeout_s >= 0:
+        raise UserError(f"--step_timeout_s must be 0 (no watchdog) or more seconds, got {args.step_timeout_s}")
+    for name in ("startup_timeout_s", "dist_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be a positive number of seconds, got {getattr(args, name)}")
+    if args.skip_nonfinite and args.on_nonfinite not in (None, "skip"):
+        raise UserError(f"--skip_nonfinite is --on_nonfinite skip, but --on_nonfinite {args.on_nonfinite} was given: "
+                        "keep one of the two")
+    if args.on_nonfinite == "rollback" and not args.output_dir:
+        raise UserError("--on_nonfinite rollback reloads the last checkpoint, but there is no --output_dir to keep "
+                        "checkpoints in: give --output_dir, or use --on_nonfinite skip")
+    if args.max_rollbacks < 0:
+        raise UserError(f"--max_rollbacks must be 0 or more, got {args.max_rollbacks}")
     if args.clip_grad is not None and not args.clip_grad > 0:
         raise UserError(f"--clip_grad must be a positive gradient norm, got {args.clip_grad} (leave it out for "
                         "no clipping)")

@@ -79,7 +79,9 @@ class OptimConfig:
     accum_iter: int
     effective_batch: int     # batch_size * accum_iter * world_size
     clip_grad: Optional[float]
-    skip_nonfinite: bool
+    skip_nonfinite: bool     # on_nonfinite == "skip"
+    on_nonfinite: str = "stop"  # --on_nonfinite (--skip_nonfinite: skip)
+    max_rollbacks: int = 3
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class DistConfig:
     amp: Optional[str]
     deterministic: bool
     seed: int
+    dist_timeout_s: float = 1800.0       # the process group's
+    step_timeout_s: Optional[float] = None  # the hang watchdog's (engine/launch/watchdog.py); None: automatic, 0: off
+    startup_timeout_s: float = 1200.0
 
     @property
     def distributed(self) -> bool:
@@ -244,15 +249,19 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
     else:
         model = ModelConfig(model=args.model, input_size=args.input_size, nb_classes=args.nb_classes,
                             global_pool=global_pool, drop_path=get("drop_path", 0.0), finetune=args.finetune)
+    on_nonfinite = args.on_nonfinite or ("skip" if args.skip_nonfinite else "stop")
     optim = OptimConfig(lr=updates["lr"], blr=args.blr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                         epochs=args.epochs, start_epoch=args.start_epoch, weight_decay=args.weight_decay,
                         layer_decay=get("layer_decay", 1.0), accum_iter=accum,
                         effective_batch=effective_batch, clip_grad=args.clip_grad,
-                        skip_nonfinite=args.skip_nonfinite)
+                        skip_nonfinite=on_nonfinite == "skip", on_nonfinite=on_nonfinite,
+                        max_rollbacks=args.max_rollbacks)
     dist = DistConfig(rank=launch.rank, world_size=world, local_rank=launch.local_rank, device=device,
                       dist_url=updates.get("dist_url", args.dist_url), dist_backend=updates.get("dist_backend"),
                       strategy=args.dist_strategy, shard_size=args.fsdp_shard_size, compile=args.compile,
-                      grad_ckpt=args.grad_ckpt, amp=args.amp, deterministic=args.deterministic, seed=args.seed)
+                      grad_ckpt=args.grad_ckpt, amp=args.amp, deterministic=args.deterministic, seed=args.seed,
+                      dist_timeout_s=args.dist_timeout_s, step_timeout_s=args.step_timeout_s,
+                      startup_timeout_s=args.startup_timeout_s)
     checkpoint = CheckpointConfig(output_dir=args.output_dir, resume=resume, auto_resume=not args.no_auto_resume,
                                   save_every=args.save_every, save_every_steps=args.save_every_steps,
                                   keep_last=args.keep_last, async_save=args.async_save)

@@ -12,6 +12,7 @@ and strategy (the way torchtitan's trainer owns it):
 The order matters for exact resume: the weights are initialised from the seeded global RNG before
 the resumed checkpoint restores the RNG states, and nothing draws from it in between.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,20 +23,23 @@ from typing import Callable, List, Optional, Protocol, Tuple
 import torch
 
 from util import dist as dist_util
+from util import test_hooks
 from util.checkpoint_io import atomic_write_text
-from util.output_lock import release_output_dirs
 
-from .checkpoint import already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, resume
+from .checkpoint import Position, already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, may_resume, resume
 from .checks import check_args
 from .config import RunConfig, config_text, resolve, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
 from .flops import peak_flops
+from .launch import runlock
 from .launch.preemption import StopRequest
+from .launch.watchdog import Watchdog
 from .precision import resolve_amp
 from .profiling import make_profiler
 from .protocols import LogWriter, Strategy
 from .reporting.logs import make_log_writer
+from .rollback import STATE_KEY, Rollback
 from .runtime import setup_runtime
 from .trainer import TrainingRun, fit
 
@@ -102,17 +106,19 @@ def run(recipe: Recipe, args) -> None:
     if args.print_config:
         print_config(recipe, args)
         return
-    try:
-        _run(recipe, args)
-    finally:  # the output folder's lock (setup_runtime) ends with the run, not with the process
-        release_output_dirs()
+    eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
+    with contextlib.ExitStack() as closing:  # the run lock and the watchdog, released however the run ends
+        _run(recipe, args, eval_only, closing)
 
 
-def _run(recipe: Recipe, args) -> None:
+def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
+    if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
+        # Right after the checks (a bad flag creates no folder), before the run reads or writes anything
+        # in the folder: a second run on it must fail here.
+        closing.callback(runlock.acquire(args.output_dir).release)
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
-    eval_only = recipe.task != "pretrain" and args.eval  # --eval is a classification flag
     resume_path = args.resume if eval_only else resume_flag(args)
     unreadable: List[str] = []
     found = None
@@ -120,6 +126,12 @@ def _run(recipe: Recipe, args) -> None:
         found = find_resume_checkpoint(resume_path, args.output_dir, not args.no_auto_resume,
                                        args.dist_strategy == "fsdp", unreadable)
     cfg = resolve(args, recipe.task, launch, resume=resume_path, **recipe.model_facts(args, plan, found))
+    watchdog = Watchdog.disabled()
+    if not eval_only and cfg.dist.step_timeout_s != 0:
+        # From here: a hang in the process group's set-up, a resume or a compile is caught too.
+        watchdog = Watchdog(cfg.checkpoint.output_dir, cfg.dist.rank, cfg.dist.step_timeout_s,
+                            cfg.dist.startup_timeout_s).start()
+        closing.callback(watchdog.stop)
 
     device = setup_runtime(cfg.dist, cfg.checkpoint.output_dir if not eval_only else "")
     if cfg.checkpoint.output_dir and not eval_only and dist_util.is_main_process():
@@ -161,14 +173,23 @@ def _run(recipe: Recipe, args) -> None:
     if log_writer is not None:
         checkpointer.extra_state.update(log_writer.checkpoint_state())
     flops_per_iter, peak = _flops(recipe, cfg, plan, device, amp_dtype)
+    rollback = None
+    if cfg.optim.on_nonfinite == "rollback":
+        if STATE_KEY in resumed:
+            checkpointer.extra_state[STATE_KEY] = resumed[STATE_KEY]
+        rollback = _rollback(cfg, strategy, model, optimizer, scaler, checkpointer, loader, pos)
     built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
+    compute_loss = recipe.compute_loss(cfg, device)
+    if test_hooks.ACTIVE:
+        compute_loss = test_hooks.wrap_loss(compute_loss, cfg.dist.rank)
     training = TrainingRun.from_config(cfg, model=train_model, strategy=strategy,
-                                       compute_loss=recipe.compute_loss(cfg, device), optimizer=optimizer,
+                                       compute_loss=compute_loss, optimizer=optimizer, watchdog=watchdog,
                                        scaler=scaler, device=device, amp_dtype=amp_dtype, loader=loader,
                                        checkpointer=checkpointer, log_writer=log_writer,
                                        train_mode=recipe.train_mode(model), stop=StopRequest().install(),
                                        flops_per_iter=flops_per_iter, peak_flops=peak,
-                                       profiler=make_profiler(cfg.logging, cfg.dist.rank, device))
+                                       profiler=make_profiler(cfg.logging, cfg.dist.rank, device),
+                                       rollback=rollback)
     fit(training, pos, after_epoch=recipe.after_epoch(built))
     dist_util.cleanup()
 
@@ -184,6 +205,24 @@ def print_config(recipe: Recipe, args, world_size: Optional[int] = None) -> None
     cfg = resolve(args, recipe.task, launch, resume=args.resume, **recipe.model_facts(args, None, None))
     if launch.rank == 0:
         print(config_text(cfg, args), end="", flush=True)
+
+
+def _rollback(cfg: RunConfig, strategy: Strategy, model, optimizer, scaler, checkpointer, loader,
+              pos: Position) -> Rollback:
+    """--on_nonfinite rollback: what reloads the run's newest checkpoint in-process. A run with no
+    checkpoint of its own yet writes one of its starting point, the state a first rollback returns to."""
+    output_dir = cfg.checkpoint.output_dir
+    if not may_resume("", output_dir, True):
+        done = pos.samples_in_epoch // loader.global_batch
+        checkpointer.save(pos.epoch, done, loader.iters_per_epoch, pos.samples_in_epoch)
+
+    def reload() -> Position:
+        checkpointer.close()
+        found = find_resume_checkpoint("", output_dir, True, strategy.sharded)
+        return resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
+                      model_name=cfg.model.model, explicit=False)
+
+    return Rollback(reload, cfg.optim.max_rollbacks, checkpointer.extra_state, loader.sample_ids)
 
 
 def loader_settings(cfg: RunConfig, order: str) -> LoaderSettings:

@@ -8,7 +8,6 @@ import torch
 from util import dist as dist_util
 from util.checkpoint_io import os_error_text
 from util.errors import UserError
-from util.output_lock import hold_output_dir
 from util.rng import seed_everything
 
 from .config import DistConfig
@@ -22,7 +21,7 @@ def setup_runtime(dist: DistConfig, output_dir: str = "") -> torch.device:
     if dist.deterministic:
         configure_backends(torch.device("cpu"), deterministic=True)  # before the process group touches CUDA
     launch = dist_util.LaunchEnv(dist.rank, dist.world_size, dist.local_rank, dist.dist_url)
-    dist_util.init_distributed(launch, dist.device, dist.dist_url, dist.dist_backend)
+    dist_util.init_distributed(launch, dist.device, dist.dist_url, dist.dist_backend, dist.dist_timeout_s)
     dist_util.setup_logging()
     device = torch.device(dist.device)
     seed_everything(dist.seed + dist_util.get_rank())
@@ -32,5 +31,4 @@ def setup_runtime(dist: DistConfig, output_dir: str = "") -> torch.device:
             os.makedirs(output_dir, exist_ok=True)
         except OSError as e:  # checked by preflight; this is a race with another process
             raise UserError(f"cannot create --output_dir {output_dir}: {os_error_text(e)}") from None
-        hold_output_dir(output_dir)
     return device

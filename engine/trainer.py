@@ -21,11 +21,13 @@ from util.meters import DeviceMeters, LoopTimer
 
 from .distributed import DDPStrategy
 from .launch.preemption import StopRequest
+from .launch.watchdog import Watchdog
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
 from .profiling import StepProfiler, named_range
 from .protocols import Checkpointer, LogWriter, Strategy, TrainLoader
 from .reporting.logs import append_epoch_record, report_progress
+from .rollback import NonFiniteWindow, Rollback
 
 log = logging.getLogger("mae")
 
@@ -45,6 +47,7 @@ class TrainingRun:
     accum_iter: int = 1                # iterations per optimizer step
     clip_grad: Optional[float] = None  # max gradient norm; None: no clipping
     skip_nonfinite: bool = False       # a non-finite loss skips its optimizer step; False: training stops
+    rollback: Optional[Rollback] = None  # instead: reload the last checkpoint, skip the window on the replay
     # The epoch loop.
     loader: Optional[TrainLoader] = None
     checkpointer: Optional[Checkpointer] = None
@@ -60,6 +63,7 @@ class TrainingRun:
     flops_per_iter: Optional[float] = None   # model FLOPs of one iteration on one device: TFLOP/s in the progress line
     peak_flops: Optional[float] = None       # the device's peak FLOP/s: MFU
     profiler: Optional[StepProfiler] = None  # --profile on this rank
+    watchdog: Watchdog = field(default_factory=Watchdog.disabled)  # told of every optimizer step
     params: List[torch.nn.Parameter] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -95,8 +99,8 @@ class NonFiniteWatch:
     step of a window with a non-finite loss is skipped instead (one host read per step), and
     check() never stops training."""
 
-    def __init__(self, device, epoch: int, skip: bool = False):
-        self.epoch, self.skip, self.skipped = epoch, skip, 0
+    def __init__(self, device, epoch: int, skip: bool = False, rollback: bool = False):
+        self.epoch, self.skip, self.rollback, self.skipped = epoch, skip or rollback, rollback, 0
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.window_bad = torch.zeros((), dtype=torch.bool, device=device)
 
@@ -113,6 +117,8 @@ class NonFiniteWatch:
             return False
         bad = dist_util.any_across_ranks(bool(self.window_bad.item()), self.window_bad.device)
         self.window_bad.zero_()
+        if bad and self.rollback:
+            raise NonFiniteWindow(it)  # before the step: the weights are still the last good ones
         if bad:
             self.skipped += 1
             log.warning("warning: non-finite loss at epoch %d, iteration %d: optimizer step skipped", self.epoch, it)
@@ -126,7 +132,43 @@ class NonFiniteWatch:
         if first >= 0:
             raise TrainingStopped(
                 f"loss is not finite at epoch {self.epoch}, iteration {first}: training stopped; the last "
-                "checkpoint is intact (lower --lr/--blr, use --amp bf16 or none, or pass --skip_nonfinite)")
+                "checkpoint is intact (lower --lr/--blr, use --amp bf16 or none, or pass --on_nonfinite skip or "
+                "rollback)")
+
+
+class LossSpikes:
+    """Warns (rank 0, one line) when a loss is well above the recent mean. The comparison runs on
+    the device; its result is read at print time, with the other device values."""
+
+    FACTOR, WARMUP, DECAY = 3.0, 20, 0.98  # x the running mean; steps before the first check; the mean's decay
+
+    def __init__(self, device):
+        self.steps = 0
+        self.mean = torch.zeros((), device=device)
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+        self.ref = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, it: int) -> None:
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        if self.steps >= self.WARMUP:
+            spike = finite & (loss > self.FACTOR * self.mean) & (self.first < 0)
+            self.first = torch.where(spike, torch.full_like(self.first, it), self.first)
+            self.value = torch.where(spike, loss, self.value)
+            self.ref = torch.where(spike, self.mean, self.ref)
+        decay = self.DECAY if self.steps else 0.0
+        self.mean = torch.where(finite, decay * self.mean + (1 - decay) * loss, self.mean)
+        self.steps += 1
+
+    def report(self, epoch: int) -> None:
+        if self.steps <= self.WARMUP or not dist_util.is_main_process():
+            return
+        first = int(self.first.item())
+        if first >= 0:
+            log.warning("warning: loss spike at epoch %d, iteration %d: %.4g, %.1fx the recent mean %.4g", epoch, first,
+                        self.value.item(), self.value.item() / max(self.ref.item(), 1e-12), self.ref.item())
+            self.first.fill_(-1)
 
 
 def train_step(run: TrainingRun, batch, it: int,
@@ -168,7 +210,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
     else:
         run.model.train(True)
     meters, timer = DeviceMeters(), LoopTimer(epoch_iters, start_iter)
-    watch = NonFiniteWatch(run.device, epoch, run.skip_nonfinite)
+    watch = NonFiniteWatch(run.device, epoch, run.skip_nonfinite, rollback=run.rollback is not None)
+    spikes = LossSpikes(run.device)
     lr, lr_sum = run.optimizer.param_groups[0]["lr"], 0.0
 
     run.optimizer.zero_grad(set_to_none=True)
@@ -182,18 +225,30 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         timer.data_ready()
         if it % run.accum_iter == 0:  # per-iteration schedule, set at the start of each accumulation window
             lr = adjust_learning_rate(run.optimizer, it / epoch_iters + epoch, run.schedule)
-        loss, grad_norm = train_step(run, batch, it, watch)
-        meters.update("loss", loss)
-        if grad_norm is not None:
-            meters.update("grad_norm", grad_norm)
+        sample = start_sample + (it - start_iter) * global_batch  # the batch's first global sample
+        # A window that once gave a non-finite loss (--on_nonfinite rollback) is counted, not trained on.
+        if run.rollback is None or not run.rollback.skips(epoch, sample):
+            try:
+                loss, grad_norm = train_step(run, batch, it, watch)
+            except NonFiniteWindow as bad:
+                window = run.accum_iter * global_batch
+                first = sample + global_batch - window
+                raise bad.locate(epoch, first, first + window) from None
+            meters.update("loss", loss)
+            spikes.update(loss, it)
+            if grad_norm is not None:
+                meters.update("grad_norm", grad_norm)
         lr_sum += lr
         timer.step_done()
         if run.profiler is not None:
             run.profiler.step()
 
         done = it + 1
+        if done % run.accum_iter == 0:
+            run.watchdog.step_done()
         if done % run.print_freq == 0 or done == epoch_iters:
             watch.check()
+            spikes.report(epoch)
             report_progress(meters, timer, epoch, done, epoch_iters, lr, global_batch, run.device, run.log_writer,
                             run.flops_per_iter, run.peak_flops)
         if done % run.accum_iter or done == epoch_iters:
@@ -202,11 +257,12 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         stopping = run.stop is not None and run.stop.agreed()
         if periodic or stopping:
             watch.check()  # never write a checkpoint with non-finite weights
-            # The samples done, exact also when a resumed run changed the global batch mid-epoch.
-            with named_range("checkpoint_save"):
+            with run.watchdog.slow("a checkpoint save"), named_range("checkpoint_save"):
+                # The samples done, exact also when a resumed run changed the global batch mid-epoch.
                 run.checkpointer.save(epoch, done, epoch_iters, start_sample + (done - start_iter) * global_batch)
+                if stopping:
+                    run.checkpointer.close()  # an async save is complete before the process hands over
         if stopping:
-            run.checkpointer.close()  # an async save is complete before the process hands over
             run.stop.stop(f"at epoch {epoch}, iteration {done}", run.checkpointer.last_name)
 
     watch.check()
@@ -228,16 +284,24 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
     epoch_iters, global_batch = run.loader.iters_per_epoch, run.loader.global_batch
     log.info("Start training for %d epochs (%d iterations each)", run.epochs, epoch_iters)
     start_time = time.time()
-    for epoch in range(pos.epoch, run.epochs):
-        stats = train_one_epoch(run, epoch, pos.samples_in_epoch if epoch == pos.epoch else 0)
+    epoch, start = pos.epoch, pos.samples_in_epoch
+    while epoch < run.epochs:
+        try:
+            stats = train_one_epoch(run, epoch, start)
+        except NonFiniteWindow as bad:
+            with run.watchdog.slow("a rollback"):
+                pos = run.rollback.recover(bad)
+            epoch, start = pos.epoch, pos.samples_in_epoch
+            continue
         record = {f"train_{k}": v for k, v in stats.items()}
         best, extra = False, None
         if after_epoch is not None:
-            fields, best, extra = after_epoch(epoch)
+            with run.watchdog.slow("the end-of-epoch evaluation"):
+                fields, best, extra = after_epoch(epoch)
             record.update(fields)
 
         numbered = epoch % run.save_every == 0 or epoch + 1 == run.epochs
-        with named_range("checkpoint_save"):
+        with run.watchdog.slow("a checkpoint save"), named_range("checkpoint_save"):
             run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
                                   numbered=numbered, best=best, extra=extra)
         record["epoch"] = epoch
@@ -246,9 +310,12 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
                 run.log_writer.flush()
             append_epoch_record(run.output_dir, record, epoch)
         if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
-            run.checkpointer.close()
+            with run.watchdog.slow("a checkpoint save"):
+                run.checkpointer.close()
             run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
-    run.checkpointer.close()  # the last (async) save is written before training ends
+        epoch, start = epoch + 1, 0
+    with run.watchdog.slow("a checkpoint save"):
+        run.checkpointer.close()  # the last (async) save is written before training ends
     if run.profiler is not None:
         run.profiler.stop()  # a run shorter than --profile_steps still writes what it traced
 

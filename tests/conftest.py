@@ -23,6 +23,10 @@ MINI = ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--num_workers"
         "--warmup_epochs", "1", "--log_dir", ""]
 
 
+# 14 photos, batch 2: 7 iterations per epoch; checkpoint-last refreshed every 2 iterations.
+RUN = [*MINI, "--batch_size", 2, "--epochs", 3, "--save_every_steps", 2, "--print_freq", 1]
+
+
 def make_image_folder(root: Path, size: int = 96, copies: int = 1) -> Path:
     """root/train/photos/*.jpg: the bundled photos, shrunk so that decoding is cheap."""
     out = root / "train" / "photos"
@@ -105,3 +109,20 @@ def restored_process_state():
             signal.signal(sig, handler)
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(photos, tmp_path_factory):
+    """RUN from start to end: the reference of the kill -9, hang and restart tests."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert_ok(pretrain([*RUN, "--data_path", photos, "--output_dir", out]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_2proc(photos, tmp_path_factory):
+    """2 processes with batch 1: the same data per step as RUN, but all-reduced gradients."""
+    out = tmp_path_factory.mktemp("uninterrupted_2proc")
+    assert_ok(pretrain([*MINI, "--batch_size", 1, "--epochs", 3, "--data_path", photos, "--output_dir", out],
+                       nproc=2))
+    return out

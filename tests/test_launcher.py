@@ -213,6 +213,12 @@ def test_batch_script_requeues_tasks_killed_by_user_signal(fake_slurm, rc):
     assert f"tasks ended by signal {rc - 128} before training started: requeueing job 77" in proc.stdout
 
 
+def test_batch_script_requeues_after_the_hang_watchdog(fake_slurm):
+    proc, log = run_teardown(fake_slurm, 124)
+    assert proc.returncode == 124 and log == "scontrol requeue 77\n"
+    assert "the hang watchdog ended a task that stopped making progress: requeueing job 77" in proc.stdout
+
+
 @pytest.mark.parametrize("rc", [0, 1, 2, 75, 137, 143, 255])
 def test_batch_script_leaves_other_endings_alone(fake_slurm, rc):
     proc, log = run_teardown(fake_slurm, rc)
@@ -233,6 +239,7 @@ def test_batch_script_never_requeues_twice_or_past_the_limit(fake_slurm):
     (75, 0, True),    # the tasks saved checkpoint-last on the signal
     (138, 0, True),   # SIGUSR1 killed them before any handler (or they gave up before training)
     (140, 0, True),
+    (124, 0, True),   # the hang watchdog ended a task
     (0, 0, False), (1, 0, False), (137, 0, False),
     (75, 1, False),   # already requeued (e.g. by SLURM's preemption)
 ])

@@ -9,10 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain
-
-# 14 photos, batch 2: 7 iterations per epoch; checkpoint-last refreshed every 2 iterations.
-RUN = [*MINI, "--batch_size", 2, "--epochs", 3, "--save_every_steps", 2, "--print_freq", 1]
+from conftest import MINI, REPO, RUN, assert_ok, cli_env, main_cmd, one_line_error, pretrain
 
 
 def load(path):
@@ -60,9 +57,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_and_kill(args, pattern: str, nproc: int = 1, timeout: float = 240):
-    """Start the CLI, SIGKILL its whole process group once a stdout line matches pattern."""
-    proc = subprocess.Popen(main_cmd("main_pretrain.py", args, nproc), cwd=REPO, env=cli_env(),
+def run_and_kill(args, pattern: str, nproc: int = 1, timeout: float = 240, hooks: str = ""):
+    """Start the CLI, SIGKILL its whole process group once a stdout line matches pattern.
+    hooks: MAE_TEST_HOOKS (util/test_hooks.py)."""
+    env = dict(cli_env(), MAE_TEST_HOOKS=hooks) if hooks else cli_env()
+    proc = subprocess.Popen(main_cmd("main_pretrain.py", args, nproc), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = [], time.time() + timeout
     try:
@@ -88,13 +87,6 @@ def mid_epoch_position(out, epoch: int) -> int:
     return ckpt["epoch_iter"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(photos, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    assert_ok(pretrain([*RUN, "--data_path", photos, "--output_dir", out]))
-    return out
-
-
 def test_kill9_mid_epoch_resume_is_bit_identical(photos, uninterrupted, tmp_path):
     args = [*RUN, "--data_path", photos, "--output_dir", tmp_path]
     run_and_kill(args, r"Epoch: \[1\]  \[3/7\]")
@@ -106,15 +98,6 @@ def test_kill9_mid_epoch_resume_is_bit_identical(photos, uninterrupted, tmp_path
     assert first.startswith(f"Epoch: [1]  [{done + 1}/7]")  # the next unseen batch, not the epoch start
     assert_identical(uninterrupted / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")
     assert_identical(uninterrupted / "checkpoint-2.pth", tmp_path / "checkpoint-2.pth")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_2proc(photos, tmp_path_factory):
-    """2 processes with batch 1: the same data per step as RUN, but all-reduced gradients."""
-    out = tmp_path_factory.mktemp("uninterrupted_2proc")
-    assert_ok(pretrain([*MINI, "--batch_size", 1, "--epochs", 3, "--data_path", photos, "--output_dir", out],
-                       nproc=2))
-    return out
 
 
 def test_kill9_torchrun_two_processes_resume_is_bit_identical(photos, uninterrupted_2proc, tmp_path):

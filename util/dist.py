@@ -108,11 +108,8 @@ def _launch_env(dist_on_itp: bool, port: Optional[int] = None):
     return 0, 1, 0, None
 
 
-# How long a rank waits for the others (and for rank 0's store) before it gives up with one line.
-JOIN_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str]) -> None:
+def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Optional[str],
+                     timeout_s: float = 1800) -> None:
     """Join the process group when launched with more than one process (nccl for CUDA devices,
     gloo otherwise, so the same command runs on CPU-only machines); on CUDA use the local GPU."""
     device_type = torch.device(device).type
@@ -123,10 +120,17 @@ def init_distributed(launch: LaunchEnv, device: str, dist_url: str, backend: Opt
     # RANK/WORLD_SIZE for any code that reads them (e.g. srun launches set only SLURM_*).
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     kwargs = dict(backend=backend, init_method=dist_url, world_size=launch.world_size, rank=launch.rank,
-                  timeout=JOIN_TIMEOUT)
+                  timeout=datetime.timedelta(seconds=timeout_s))
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", launch.local_rank)
     try:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None:
+            # torchrun --max-restarts: its store outlives a restart and still holds the previous attempt's
+            # keys (a dead worker's gloo address): the restarted group must not read them.
+            store, _, _ = next(dist.rendezvous(kwargs.pop("init_method"), launch.rank, launch.world_size,
+                                               timeout=kwargs["timeout"]))
+            kwargs["store"] = dist.PrefixStore(f"attempt_{attempt}", store)
         dist.init_process_group(**kwargs)
     except (dist.DistError, RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError, timeouts
         where = dist_url if dist_url and dist_url != "env://" else \

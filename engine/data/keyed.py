@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from util import test_hooks
 from util.errors import UserError
 
 from .decode import DECODERS
@@ -98,6 +99,5 @@ class KeyedSamples(Dataset):
         img, target = self._load(index)
         with keyed_rng(sample_seed(self.seed, epoch, index), self.torch_rng_only):
             img = self.transform(img)
-            if self.num_patches:
-                return img, target, torch.rand(self.num_patches)
-        return img, target
+            out = (img, target, torch.rand(self.num_patches)) if self.num_patches else (img, target)
+        return test_hooks.sample(key, out) if test_hooks.ACTIVE else out

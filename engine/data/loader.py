@@ -52,6 +52,15 @@ class TrainLoader(DataLoader):
     def set_position(self, epoch: int, samples_done: int = 0) -> None:
         self.sampler.set_epoch(epoch, samples_done)
 
+    def sample_ids(self, epoch: int, first: int, end: int) -> list:
+        """The dataset indices at global positions [first, end) of `epoch`'s order."""
+        sampler: ResumableSampler = self.sampler
+        current, sampler.epoch = sampler.epoch, epoch
+        try:
+            return sampler.global_order()[first:end]
+        finally:
+            sampler.epoch = current
+
 
 def check_batch_fits(source: ImageSource, batch_size: int, world_size: int) -> None:
     """Every process must get at least one full batch (the loader drops the last partial one).

@@ -22,6 +22,7 @@ from util import config_file
 from util.errors import TrainingStopped, UserError
 
 from . import preemption
+from .watchdog import HANG_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_ENTRY = REPO / "scripts" / "slurm" / "task_entry.py"
@@ -100,18 +101,20 @@ def requeue_lines(max_requeues: int):
     exit 138/140) before any handler could act on it, e.g. a signal while Python started (or a
     task that could not start training after one, see preemption.record_early). Tasks
     that saw the signal in training requeue the job themselves (submitit), and a requeue kills
-    this script before it gets here; the Restarts check covers the race between the two."""
+    this script before it gets here; the Restarts check covers the race between the two. Also
+    when the hang watchdog ended a task (exit 124, engine/launch/watchdog.py)."""
     return [
         "rc=$?",
-        'if [ "$rc" -eq 138 ] || [ "$rc" -eq 140 ]; then',
+        'why="tasks ended by signal $((rc - 128)) before training started"',
+        f'[ "$rc" -eq {HANG_EXIT_CODE} ] && why="the hang watchdog ended a task that stopped making progress"',
+        f'if [ "$rc" -eq 138 ] || [ "$rc" -eq 140 ] || [ "$rc" -eq {HANG_EXIT_CODE} ]; then',
         '  restarts=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o "Restarts=[0-9]*" | cut -d= -f2)',
         '  if [ "${restarts:-0}" -gt "${SLURM_RESTART_COUNT:-0}" ]; then',
-        '    echo "tasks ended by signal $((rc - 128)); job $SLURM_JOB_ID is already requeued"',
+        '    echo "$why; job $SLURM_JOB_ID is already requeued"',
         f'  elif [ "${{SLURM_RESTART_COUNT:-0}}" -ge {int(max_requeues)} ]; then',
-        f'    echo "tasks ended by signal $((rc - 128)) before training started; not requeued: '
-        f'--max_requeues {int(max_requeues)} reached" >&2',
+        f'    echo "$why; not requeued: --max_requeues {int(max_requeues)} reached" >&2',
         "  else",
-        '    echo "tasks ended by signal $((rc - 128)) before training started: requeueing job $SLURM_JOB_ID"',
+        '    echo "$why: requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "  fi",
         "fi",
