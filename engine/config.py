@@ -202,6 +202,18 @@ def _launch(args, launch: dist_util.LaunchEnv) -> dict:
     return out
 
 
+def resolve_dist(args, launch: dist_util.LaunchEnv) -> DistConfig:
+    """The process-group part of the config: it needs no checkpoint, so the group can be joined
+    (and the output folder locked, engine/launch/runlock.py) before the folder is read."""
+    updates = _launch(args, launch)
+    return DistConfig(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+                      device=updates.get("device", args.device), dist_url=updates.get("dist_url", args.dist_url),
+                      dist_backend=updates.get("dist_backend"), strategy=args.dist_strategy,
+                      shard_size=args.fsdp_shard_size, compile=args.compile, grad_ckpt=args.grad_ckpt, amp=args.amp,
+                      deterministic=args.deterministic, seed=args.seed, dist_timeout_s=args.dist_timeout_s,
+                      step_timeout_s=args.step_timeout_s, startup_timeout_s=args.startup_timeout_s)
+
+
 def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
             resume: Optional[str] = None, decoder: Optional[dict] = None, decoder_arch: Optional[dict] = None,
             default_mask_ratio: Optional[float] = None, global_pool: Optional[bool] = None) -> RunConfig:
@@ -256,12 +268,7 @@ def resolve(args, task: str, launch: dist_util.LaunchEnv, *,
                         effective_batch=effective_batch, clip_grad=args.clip_grad,
                         skip_nonfinite=on_nonfinite == "skip", on_nonfinite=on_nonfinite,
                         max_rollbacks=args.max_rollbacks)
-    dist = DistConfig(rank=launch.rank, world_size=world, local_rank=launch.local_rank, device=device,
-                      dist_url=updates.get("dist_url", args.dist_url), dist_backend=updates.get("dist_backend"),
-                      strategy=args.dist_strategy, shard_size=args.fsdp_shard_size, compile=args.compile,
-                      grad_ckpt=args.grad_ckpt, amp=args.amp, deterministic=args.deterministic, seed=args.seed,
-                      dist_timeout_s=args.dist_timeout_s, step_timeout_s=args.step_timeout_s,
-                      startup_timeout_s=args.startup_timeout_s)
+    dist = resolve_dist(args, launch)
     checkpoint = CheckpointConfig(output_dir=args.output_dir, resume=resume, auto_resume=not args.no_auto_resume,
                                   save_every=args.save_every, save_every_steps=args.save_every_steps,
                                   keep_last=args.keep_last, async_save=args.async_save)

@@ -5,8 +5,9 @@ between them: its checks, the model, the loaders, the optimizer, the loss, what 
 epoch and how the model is put in training mode. run() owns the order, the same for every recipe
 and strategy (the way torchtitan's trainer owns it):
 
-    checks (preflight) -> the checkpoint to resume -> resolve the config (engine/config.py)
-    -> process group, seeds -> <output_dir>/config.yaml -> strategy -> model (built sharded under FSDP) -> loaders
+    checks (preflight) -> process group, seeds -> lock the output folder (engine/launch/runlock.py)
+    -> the checkpoint to resume -> resolve the config (engine/config.py) -> <output_dir>/config.yaml
+    -> strategy -> model (built sharded under FSDP) -> loaders
     -> optimizer, scaler -> resume -> (finished? stop) -> wrap -> checkpointer, log writer -> fit
 
 The order matters for exact resume: the weights are initialised from the seeded global RNG before
@@ -28,7 +29,7 @@ from util.checkpoint_io import atomic_write_text
 
 from .checkpoint import Position, already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, may_resume, resume
 from .checks import check_args
-from .config import RunConfig, config_text, resolve, resume_flag
+from .config import RunConfig, config_text, resolve, resolve_dist, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
 from .flops import peak_flops
@@ -113,12 +114,20 @@ def run(recipe: Recipe, args) -> None:
 
 def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -> None:
     plan = recipe.preflight(args, dist_util.launched_world_size(args))
-    if args.output_dir and not eval_only and dist_util.launcher_rank() == 0:
-        # Right after the checks (a bad flag creates no folder), before the run reads or writes anything
-        # in the folder: a second run on it must fail here.
-        closing.callback(runlock.acquire(args.output_dir).release)
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     dist_util.setup_logging(launch.rank)
+    dist_cfg = resolve_dist(args, launch)
+    watchdog = Watchdog.disabled()
+    if not eval_only and dist_cfg.step_timeout_s != 0:
+        # From here: a hang in the process group's set-up, a resume or a compile is caught too.
+        watchdog = Watchdog(args.output_dir, dist_cfg.rank, dist_cfg.step_timeout_s,
+                            dist_cfg.startup_timeout_s).start()
+        closing.callback(watchdog.stop)
+    device = setup_runtime(dist_cfg)
+    if args.output_dir and not eval_only:
+        # After the checks (a bad flag creates no folder) and the join (every rank must hear that the
+        # folder is taken), before the run reads or writes anything in it.
+        closing.callback(runlock.acquire_for_job(args.output_dir).release)
     resume_path = args.resume if eval_only else resume_flag(args)
     unreadable: List[str] = []
     found = None
@@ -126,14 +135,6 @@ def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -
         found = find_resume_checkpoint(resume_path, args.output_dir, not args.no_auto_resume,
                                        args.dist_strategy == "fsdp", unreadable)
     cfg = resolve(args, recipe.task, launch, resume=resume_path, **recipe.model_facts(args, plan, found))
-    watchdog = Watchdog.disabled()
-    if not eval_only and cfg.dist.step_timeout_s != 0:
-        # From here: a hang in the process group's set-up, a resume or a compile is caught too.
-        watchdog = Watchdog(cfg.checkpoint.output_dir, cfg.dist.rank, cfg.dist.step_timeout_s,
-                            cfg.dist.startup_timeout_s).start()
-        closing.callback(watchdog.stop)
-
-    device = setup_runtime(cfg.dist, cfg.checkpoint.output_dir if not eval_only else "")
     if cfg.checkpoint.output_dir and not eval_only and dist_util.is_main_process():
         atomic_write_text(os.path.join(cfg.checkpoint.output_dir, "config.yaml"), config_text(cfg, args))
     if recipe.task == "pretrain":

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from test_launch_env import free_port
 from test_resume import kill_tree, run_and_signal
 
 from conftest import MINI, REPO, assert_ok, cli_env, main_cmd, one_line_error, pretrain
@@ -49,8 +50,37 @@ def test_two_runs_started_at_once_one_trains_the_other_names_it(photos, tmp_path
             p.communicate(timeout=60)
 
 
+def test_a_duplicate_two_process_job_ends_on_every_rank_with_exit_2(photos, tmp_path):
+    """Rank 0 holds the lock for the job; its other ranks must hear that it failed. Left waiting for
+    a rank 0 that had exited, they ended on the watchdog's exit code 124 (hang stacks written into
+    the held folder), which the SLURM scripts requeue: the duplicate came back again and again."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from engine.launch import runlock; "
+                               "runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        port = str(free_port())
+        args = [*QUICK, "--epochs", 1, "--data_path", photos, "--output_dir", out, "--startup_timeout_s", 20]
+        procs = [subprocess.Popen(main_cmd("main_pretrain.py", args), cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(cli_env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for r in (0, 1)]
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.returncode for p in procs] == [2, 2], [e[-1500:] for _, e in results]
+    m = HOLDER.fullmatch(one_line_error(subprocess.CompletedProcess(procs[0].args, 2, *results[0])))
+    assert m and int(m.group(2)) == holder.pid
+    assert results[1] == ("", "")  # the message is rank 0's; the other rank says nothing
+    assert sorted(os.listdir(out)) == [".run.lock"]  # no hang/ stacks, nothing else written
+
+
 def test_kill9_frees_the_folder_at_once(photos, tmp_path):
-    args = [*QUICK, "--epochs", 50, "--data_path", photos, "--output_dir", tmp_path]
+    # Long enough that the first run is still training when the second reaches the lock, whatever the load.
+    args = [*QUICK, "--epochs", 1000, "--data_path", photos, "--output_dir", tmp_path]
     first = subprocess.Popen(main_cmd("main_pretrain.py", args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:

@@ -6,6 +6,10 @@ orphaned workers noticed), the kernel drops them when the process dies (kill -9,
 SLURM requeue, a torchrun restart: the next holder is always a new process), and NFS v3/v4 and
 Lustre (mounted with -o flock or localflock) implement them. Where the file system refuses locks
 altogether the run warns and goes on unguarded.
+
+Only rank 0 locks, but every rank must learn that it failed: ranks left waiting for a rank 0 that
+has exited would end on the hang watchdog's exit code, which the SLURM scripts requeue, so a
+duplicate job would come back again and again (acquire_for_job).
 """
 import datetime
 import errno
@@ -17,6 +21,9 @@ import sys
 import time
 from typing import Optional
 
+import torch.distributed as dist
+
+from util import dist as dist_util
 from util.checkpoint_io import os_error_text
 from util.errors import UserError
 
@@ -80,3 +87,21 @@ def acquire(output_dir: str) -> RunLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, line, 0)
     return RunLock(fd, path)
+
+
+def acquire_for_job(output_dir: str) -> RunLock:
+    """acquire() on rank 0, after the process group is joined; every rank raises the same UserError
+    (exit 2, printed by rank 0) when the folder is held by another run."""
+    lock, error = RunLock(None, ""), None
+    if dist_util.get_rank() == 0:
+        try:
+            lock = acquire(output_dir)
+        except UserError as e:
+            error = str(e)
+    if dist_util.is_dist():
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=dist_util.cpu_group())
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return lock
