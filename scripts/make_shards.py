@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 from typing import List, Optional, Tuple
@@ -90,7 +91,7 @@ def _read_tar(path: str) -> Tuple[List[str], Optional[List[int]]]:
                         break
                     if member.name.endswith(".cls") and labels is not None:
                         text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-                        labels = labels + [int(text)] if text.lstrip("-").isdigit() else None
+                        labels = labels + [int(text)] if re.fullmatch(r"-?[0-9]+", text) else None
             else:
                 tar.fileobj.seek(tar.offset)
                 if tar.fileobj.read(512) == bytes(512):

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from robustness_world import build
+from robustness_world import _shards, build
 
 from util.cli import run_cli
 
@@ -175,6 +175,9 @@ CASES = [
      "has label 7, outside 0..1 (--nb_classes 2)", ("{out}/checkpoint-last.pth",)),
     ("resume-future-version-auto", "pretrain", P + " --data_path {w}/good --epochs 2", 2,
      "has checkpoint format 999, newer than the 1", ("{out}/checkpoint-last.pth",)),
+    ("hf-image-column-is-text", "pretrain", P + " --data_path {w}/hf_text --image_column label", 2,
+     "--image_column label: the column 'label' of {w}/hf_text[train] holds text whose first value 'cat' is not an "
+     "image file", ()),
 ]
 
 
@@ -208,6 +211,18 @@ def run_row(cli: str, argv: list, capsys) -> tuple:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input(world, tmp_path, capsys, monkeypatch, case):
+    check_row(world, tmp_path, capsys, monkeypatch, case)
+
+
+@pytest.mark.parametrize("name", ["shards-text-labels", "shards-label-too-big-in-a-worker", "shards-negative-label"])
+def test_a_bad_sample_is_one_line_from_whichever_rank_meets_it(world, tmp_path, capsys, monkeypatch, name):
+    """An input error that every rank meets is printed by rank 0 alone; a bad sample is met only by
+    the rank whose share holds it, so that rank (here: 1) must say it."""
+    monkeypatch.setenv("RANK", "1")
+    check_row(world, tmp_path, capsys, monkeypatch, next(c for c in CASES if c[0] == name))
+
+
+def check_row(world, tmp_path, capsys, monkeypatch, case) -> None:
     name, cli, argv, code, fragment, protected = case
     fill = {"w": world, "out": tmp_path / "out"}
     argv = [a.format(**fill) for a in shlex.split(argv.replace("{{", "\0").replace("}}", "\1"))]
@@ -355,6 +370,17 @@ def _release_held():
 
 def _tree(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_index_of_a_label_that_only_looks_numeric_records_no_range(tmp_path):
+    """'²' passes str.isdigit() but not int(): --index wrote no index and died with a traceback."""
+    import json
+
+    from scripts import make_shards
+    root = _shards(tmp_path / "s", ["\u00b2", 1])
+    assert run_cli(make_shards.main, make_shards.get_args_parser().parse_args(["--index", str(root)])) == 0
+    entries = json.loads((root / "train" / make_shards.SHARD_INDEX).read_text())["shardlist"]
+    assert [e["nsamples"] for e in entries] == [2] and "label_range" not in entries[0]
 
 
 @pytest.mark.parametrize("out", [".", "shards", "train/photos"])

@@ -23,3 +23,8 @@ class TrainingStopped(Exception):
 class RankError(UserError):
     """A problem of this process alone (it cannot join the others): every rank that meets it says so,
     since rank 0 may never hear of it."""
+
+
+class SampleError(RankError):
+    """A bad sample met during training (a label out of range or not an integer): only the process
+    whose share of the data holds it knows, and that may be any rank."""

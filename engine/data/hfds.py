@@ -139,6 +139,16 @@ def _check_columns(dataset, where: str, image: str, label: Optional[str], datase
         raise UserError(f"--image_column {image}: the column '{image}' of {where} holds {features[image]}, not images; "
                         f"the columns that hold images: {', '.join(holding) or 'none'}"
                         + (f": pass --image_column {holding[0]}" if holding else ""))
+    if isinstance(features[image], datasets.Value) and features[image].dtype in ("string", "large_string") \
+            and len(dataset):
+        # Text (captions, names) would pass as paths and fail one row at a time: the first must be a file.
+        first = dataset.data.column(image)[0].as_py()
+        if not (first and os.path.isfile(first)):
+            holding = [c for c in features if c != image and _holds_images(features[c], datasets)]
+            raise UserError(f"--image_column {image}: the column '{image}' of {where} holds text whose first value "
+                            f"{first!r:.60} is not an image file; the other columns that may hold images: "
+                            f"{', '.join(holding) or 'none'}: pass the column of images or image file paths "
+                            "with --image_column")
     if label is None or isinstance(features[label], datasets.ClassLabel):
         return
     dtype = features[label].dtype if isinstance(features[label], datasets.Value) else None

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util import test_hooks
-from util.errors import UserError
+from util.errors import SampleError, UserError
 
 from .decode import DECODERS
 from .sources import ImageSource
@@ -90,8 +90,9 @@ class KeyedSamples(Dataset):
 
     def _check_label(self, i: int, target: int) -> None:
         if self.num_classes and not 0 <= target < self.num_classes:
-            fix = f"pass --nb_classes {target + 1} or more, or fix the label" if target > 0 else "fix the label"
-            raise UserError(f"sample {self.source.name(i)} has label {target}, outside 0..{self.num_classes - 1} "
+            fix = f"pass --nb_classes {target + 1} or more, or fix the label" if target >= self.num_classes \
+                else "fix the label (labels are class indices, never negative)"
+            raise SampleError(f"sample {self.source.name(i)} has label {target}, outside 0..{self.num_classes - 1} "
                             f"(--nb_classes {self.num_classes}): {fix}")
 
     def __getitem__(self, key: Tuple[int, int]):

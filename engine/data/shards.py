@@ -22,7 +22,7 @@ import tarfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from util import dist as dist_util
-from util.errors import UserError
+from util.errors import SampleError, UserError
 
 SHARD_INDEX = "shardindex.json"
 CLASSES_FILE = "classes.txt"
@@ -229,7 +229,7 @@ def parse_label(raw: bytes, name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"sample {name} has the label {text[:40]!r}, not a class index: classification reads "
+        raise SampleError(f"sample {name} has the label {text[:40]!r}, not a class index: classification reads "
                         "integer labels 0..N-1 in the .cls members; map the class names to indices (in the order "
                         f"of a {CLASSES_FILE} beside the shards, which names them) and write the shards again") from None
 
