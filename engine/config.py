@@ -318,7 +318,15 @@ def config_text(cfg: RunConfig, args) -> str:
               f"{'es' if cfg.dist.world_size > 1 else ''}: the defaults, {source}the command line;",
               f"accum_iter and lr resolved (effective batch {cfg.optim.effective_batch}). "
               f"Rerun it: {_CLI[cfg.task]} --config <this file>"]
-    text = config_file.dump(resolved_flags(cfg, args), header)
+    flags = resolved_flags(cfg, args)
+    # Where a run writes is not part of its recipe (a rerun from this file must not write into this
+    # folder), and an lr the flags did not give is the scaling rule's: pinned, it would silently
+    # outlive a rerun's new --blr or --effective_batch. Both are shown, as comments.
+    unpinned = [k for k in ("output_dir", "log_dir") if k in flags] + (["lr"] if args.lr is None else [])
+    header[-1] += " --output_dir <a folder>"
+    text = config_file.dump({k: v for k, v in flags.items() if k not in unpinned}, header)
+    text += "# Resolved for this run, not pinned (a rerun resolves them from its own flags):\n"
+    text += "".join(f"# {line}\n" for line in config_file.dump({k: flags[k] for k in unpinned}).splitlines())
     launcher = {k: v for k, v in vars(args).items() if k in launcher_dests() and k != "print_config"}
     if launcher:
         lines = config_file.dump(launcher).splitlines()

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Protocol, Tuple
 
@@ -26,9 +27,10 @@ import torch
 from util import dist as dist_util
 from util import test_hooks
 from util.checkpoint_io import atomic_write_text
+from util.errors import UserError
 
 from .checkpoint import Position, already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, may_resume, resume
-from .checks import check_args
+from .checks import accum_iter, check_args, check_launch
 from .config import RunConfig, config_text, resolve, resolve_dist, resume_flag
 from .data import LoaderSettings
 from .distributed import make_strategy
@@ -203,6 +205,13 @@ def print_config(recipe: Recipe, args, world_size: Optional[int] = None) -> None
     launch = dist_util.launch_env(args.dist_on_itp, args.port)
     if world_size is not None:
         launch = dataclasses.replace(launch, rank=0, world_size=world_size, local_rank=0)
+    accum_iter(args, launch.world_size)  # no config without it: a bad --effective_batch is the error
+    try:  # a recipe for 64 GPUs is still shown on a laptop, with what this launch would refuse
+        check_launch(args, launch.world_size, on_this_machine=False)
+    except UserError as e:
+        if launch.rank == 0:
+            print(f"warning: a launch of {launch.world_size} process{'es' if launch.world_size > 1 else ''} would "
+                  f"be refused: {e}", file=sys.stderr, flush=True)
     cfg = resolve(args, recipe.task, launch, resume=args.resume, **recipe.model_facts(args, None, None))
     if launch.rank == 0:
         print(config_text(cfg, args), end="", flush=True)

@@ -5,6 +5,7 @@ facebookresearch/mae PRETRAIN.md / FINETUNE.md (LINPROBE section) and Sense-X/Mi
 both are resolved for the official number of GPUs and must give the same flags, value by value.
 """
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,10 @@ OFFICIAL = [
     ("pretrain/mae_vit_2b_patch14_fsdp.yaml",
      "--model mae_vit_2b_patch14 --dist_strategy fsdp --fsdp_shard_size 8 --amp bf16 --grad_ckpt --batch_size 64 "
      "--norm_pix_loss --mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 "
-     "--save_every_steps 500 --async_save", 64),
+     "--save_every_steps 512 --async_save", 64),
     ("pretrain/mae_vit_6p5b_patch14_fsdp.yaml",
      "--model mae_vit_6p5b_patch14 --dist_strategy fsdp --amp bf16 --grad_ckpt --batch_size 64 --norm_pix_loss "
-     "--mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --save_every_steps 500 "
+     "--mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --save_every_steps 512 "
      "--async_save", 64),
     ("pretrain/demo_cpu.yaml",
      "--model mae_vit_mini_patch16 --input_size 112 --batch_size 7 --epochs 30 --warmup_epochs 3 --blr 0.02 "
@@ -131,10 +132,22 @@ def test_print_config_of_each_recipe_is_stable(recipe, tmp_path, capsys):
     assert yaml.safe_load(texts[0]) == yaml.safe_load(texts[1])
     printed = yaml.safe_load(texts[0])
     assert printed["effective_batch"] == printed["batch_size"] * printed["accum_iter"]  # 1 process here
-    assert printed["lr"] == pytest.approx(printed["blr"] * printed["effective_batch"] / 256)
+    lr = re.search(r"^# lr: (\S+)$", texts[0], re.M)  # the scaling rule's, shown but not pinned
+    assert "lr" not in printed and float(lr.group(1)) == pytest.approx(printed["blr"] * printed["effective_batch"] / 256)
 
 
 CLI_MAIN = {"pretrain": pretrain_engine.main, "finetune": finetune_engine.main, "linprobe": linprobe_engine.main}
+
+
+@pytest.mark.parametrize("recipe", ["pretrain/mae_vit_2b_patch14_fsdp.yaml", "pretrain/mae_vit_6p5b_patch14_fsdp.yaml"])
+@pytest.mark.parametrize("world_size", [8, 16, 32, 64])
+def test_billion_parameter_recipes_launch_on_one_to_eight_nodes(recipe, world_size):
+    """The README runs them on 8 x 8 GPUs and on one node: --save_every_steps must divide by the
+    accum_iter each launch resolves (500 did not on 8 GPUs, accum_iter 8)."""
+    from engine.checks import check_launch
+
+    args = parse("pretrain", ["--config", CONFIGS / recipe])
+    check_launch(args, world_size, on_this_machine=False)
 
 
 def test_command_line_beats_file_beats_defaults(tmp_path):
@@ -215,9 +228,11 @@ def test_slurm_launcher_takes_recipes_and_prints_the_jobs_config(tmp_path, capsy
     parser = main_pretrain.get_args_parser()
     code = launch(argparse.ArgumentParser(parents=[parser]), "engine.pretrain:main", "mae_pretrain", argv,
                   preflight="engine.pretrain:preflight")
-    printed = yaml.safe_load(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
     assert code == 0 and printed["accum_iter"] == 2  # 4096 / (64 x 32 GPUs)
-    assert printed["lr"] == pytest.approx(1.5e-4 * 4096 / 256) and "nodes" not in printed
+    lr = re.search(r"^# lr: (\S+)$", text, re.M)
+    assert lr and float(lr.group(1)) == pytest.approx(1.5e-4 * 4096 / 256) and "nodes" not in printed
     assert not (tmp_path / "job").exists()  # nothing submitted, nothing written
 
 
@@ -236,6 +251,14 @@ def test_config_yaml_of_a_slurm_job_leaves_the_launcher_flags_as_comments(tmp_pa
     (tmp_path / "config.yaml").write_text(text)
     back = parse_args(main_pretrain.get_args_parser(), ["--config", str(tmp_path / "config.yaml")])
     assert {k: getattr(back, k) for k in body} == body and back.accum_iter == 1
+    # Where it wrote and the lr the scaling rule gave are comments: a rerun with another --blr gets
+    # that blr's lr, and writes where it is told (or the default), not into this run's folder.
+    assert "lr" not in body and "output_dir" not in body and "log_dir" not in body
+    assert f"# lr: {cfg.optim.lr}\n" in text and f"# output_dir: {args.output_dir}\n" in text
+    again = parse_args(main_pretrain.get_args_parser(), ["--config", str(tmp_path / "config.yaml"), "--blr", "3e-3"])
+    cfg2 = resolve(again, "pretrain", LaunchEnv(0, 8, 0, None),
+                   **pretrain_engine.PretrainRecipe.model_facts(again, None, None))
+    assert cfg2.optim.lr == pytest.approx(3e-3 * cfg.optim.effective_batch / 256) != cfg.optim.lr
 
 
 def test_rerun_from_its_own_config_yaml_is_bit_identical(photos, tmp_path):
@@ -247,8 +270,10 @@ def test_rerun_from_its_own_config_yaml_is_bit_identical(photos, tmp_path):
             "--device", "cpu", "--blr", 5e-3, "--output_dir", first]
     with restored_process_state():
         assert run_training_cli(pretrain_engine.main, main_pretrain.get_args_parser(), list(map(str, argv))) == 0
-    written = yaml.safe_load((first / "config.yaml").read_text())
-    assert written["accum_iter"] == 2 and written["effective_batch"] == 14 and written["output_dir"] == str(first)
+    text = (first / "config.yaml").read_text()
+    written = yaml.safe_load(text)
+    assert written["accum_iter"] == 2 and written["effective_batch"] == 14 and "output_dir" not in written
+    assert f"# output_dir: {first}\n" in text
     with restored_process_state():
         assert run_training_cli(pretrain_engine.main, main_pretrain.get_args_parser(),
                                 ["--config", str(first / "config.yaml"), "--output_dir", str(second)]) == 0
