@@ -147,3 +147,17 @@ def test_watchdog_changes_no_number(photos, uninterrupted, tmp_path):
     """The reference runs have the watchdog on (the default); without it the weights are the same."""
     assert_ok(pretrain([*RUN, "--data_path", photos, "--output_dir", tmp_path, "--step_timeout_s", 0]))
     assert_identical(uninterrupted / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")
+
+
+def test_a_slow_save_on_rank_0_is_not_a_hang_on_the_other_ranks(photos, tmp_path):
+    """Rank 0 alone writes a single-file checkpoint. Rank 1 used to leave save() at once and wait for
+    rank 0 in the next step's all-reduce, timed as a step: a write longer than the step allowance
+    (here 3x it) ended the run with exit 124 at every save, and the requeued job again."""
+    out = tmp_path / "out"
+    args = [*MINI, "--batch_size", 2, "--epochs", 2, "--save_every", 1, "--print_freq", 1, "--data_path", photos,
+            "--output_dir", out, "--step_timeout_s", 10, "--startup_timeout_s", 200]
+    proc = start(args, nproc=2, hooks="slow_save=30")
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-3000:]
+    assert not (out / "hang").exists()
+    assert output.count("Averaged stats") >= 2  # both epochs trained, each followed by a 30 s save

@@ -7,6 +7,8 @@ MAE_TEST_HOOKS is set (read here, once, at import; no flag reaches it). Comma-se
   nonfinite_sample=E:I    the loss of the batch holding sample I of epoch E is NaN (pretraining; the
                           sample's label carries the mark to the loss): tests/test_rollback.py
   nonfinite_epoch=E       ... of every batch of epoch E
+  slow_save=S             rank 0's write of a single-file checkpoint takes S seconds longer (a slow
+                          shared file system): tests/test_watchdog.py
 """
 import os
 import time
@@ -63,3 +65,8 @@ def wrap_loss(compute_loss: Callable, rank: int) -> Callable:
             loss = loss * float("nan")
         return loss
     return compute
+
+
+def slow_save() -> None:
+    if "slow_save" in HOOKS:
+        time.sleep(float(HOOKS["slow_save"]))

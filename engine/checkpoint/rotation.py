@@ -77,6 +77,7 @@ class Checkpointer:
         rng = dist_util.all_gather_object(get_rng_state())
         tensors = self.backend.state(self.model, self.optimizer)
         if not (self.backend.every_rank_writes or dist_util.is_main_process()):
+            self.backend.barrier()  # returns when rank 0's last is complete, as rank 0's save does
             return
         record = {"scaler": self.scaler.state_dict(), "epoch": epoch, "epoch_iter": epoch_iter,
                   "epoch_iters": epoch_iters, "samples_in_epoch": samples_in_epoch,

@@ -4,6 +4,10 @@ checkpoint-prev.pth); snapshots are hard links to checkpoint-last.pth where the 
 import os
 from typing import Optional
 
+import torch.distributed as dist
+
+from util import dist as dist_util
+from util import test_hooks
 from util.checkpoint_io import atomic_save, remove_stale_temp_files
 
 from .format import FILE_BEST, FILE_LAST, FILE_PREV
@@ -33,6 +37,8 @@ class FileBackend:
 
     @staticmethod
     def commit(state: dict, last: str, prev: Optional[str]) -> None:
+        if test_hooks.ACTIVE:
+            test_hooks.slow_save()
         atomic_save(state, last, previous=prev)
 
     @staticmethod
@@ -68,4 +74,7 @@ class FileBackend:
 
     @staticmethod
     def barrier(background: bool = False) -> None:
-        """Rank 0 alone writes: nothing to wait for."""
+        """Rank 0 alone writes; the others wait here, inside the save's watchdog allowance, until it
+        has (left to wait in the next step's all-reduce, a long write timed out as a hung step)."""
+        if dist_util.is_dist():
+            dist.barrier(group=dist_util.cpu_group())
