@@ -27,9 +27,9 @@ import torch
 from util import dist as dist_util
 from util import test_hooks
 from util.checkpoint_io import atomic_write_text
-from util.errors import UserError
+from util.errors import TrainingStopped, UserError
 
-from .checkpoint import Position, already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, may_resume, resume
+from .checkpoint import Position, already_finished, find_resume_checkpoint, fit_to_data, make_checkpointer, resume
 from .checks import accum_iter, check_args, check_launch
 from .config import RunConfig, config_text, resolve, resolve_dist, resume_flag
 from .data import LoaderSettings
@@ -176,11 +176,12 @@ def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -
     if log_writer is not None:
         checkpointer.extra_state.update(log_writer.checkpoint_state())
     flops_per_iter, peak = _flops(recipe, cfg, plan, device, amp_dtype)
+    if STATE_KEY in resumed:  # the samples an earlier rollback skipped stay listed, whatever this run's policy
+        checkpointer.extra_state[STATE_KEY] = resumed[STATE_KEY]
     rollback = None
     if cfg.optim.on_nonfinite == "rollback":
-        if STATE_KEY in resumed:
-            checkpointer.extra_state[STATE_KEY] = resumed[STATE_KEY]
-        rollback = _rollback(cfg, strategy, model, optimizer, scaler, checkpointer, loader, pos)
+        rollback = _rollback(cfg, strategy, model, optimizer, scaler, checkpointer, loader, pos,
+                             resumed.get("_path"))
     built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
     compute_loss = recipe.compute_loss(cfg, device)
     if test_hooks.ACTIVE:
@@ -218,17 +219,23 @@ def print_config(recipe: Recipe, args, world_size: Optional[int] = None) -> None
 
 
 def _rollback(cfg: RunConfig, strategy: Strategy, model, optimizer, scaler, checkpointer, loader,
-              pos: Position) -> Rollback:
-    """--on_nonfinite rollback: what reloads the run's newest checkpoint in-process. A run with no
-    checkpoint of its own yet writes one of its starting point, the state a first rollback returns to."""
+              pos: Position, resumed_path: Optional[str]) -> Rollback:
+    """--on_nonfinite rollback: what reloads the run's newest checkpoint in-process. The run first
+    writes one of its starting point, the state a first rollback returns to, unless it resumed from
+    the folder's own checkpoint: the folder's last may be another run's (--no_auto_resume, or
+    --resume from elsewhere) or missing. resumed_path: the checkpoint the run resumed from."""
     output_dir = cfg.checkpoint.output_dir
-    if not may_resume("", output_dir, True):
+    own = resumed_path is not None and os.path.realpath(os.path.dirname(resumed_path)) == os.path.realpath(output_dir)
+    if not own:
         done = pos.samples_in_epoch // loader.global_batch
         checkpointer.save(pos.epoch, done, loader.iters_per_epoch, pos.samples_in_epoch)
 
     def reload() -> Position:
         checkpointer.close()
         found = find_resume_checkpoint("", output_dir, True, strategy.sharded)
+        if found is None:
+            raise TrainingStopped(f"--on_nonfinite rollback: no readable checkpoint of this run is left in "
+                                  f"{output_dir} to roll back to")
         return resume(found, model, optimizer, scaler, strategy, start_epoch=cfg.optim.start_epoch,
                       model_name=cfg.model.model, explicit=False)
 

@@ -104,3 +104,19 @@ def test_loss_spike_is_reported_once_with_its_iteration(caplog):
         spikes.report(epoch=4)
     assert [r.getMessage() for r in caplog.records] == [
         "warning: loss spike at epoch 4, iteration 25: 10, 10.0x the recent mean 1"]
+
+
+def test_rollback_returns_to_this_runs_start_not_to_another_runs_checkpoint(photos, tmp_path):
+    """--no_auto_resume in a folder that holds another run's checkpoint-last (here: one epoch of a
+    run with another lr): a non-finite loss before this run's first save rolled back into that run."""
+    other = [*MINI, "--batch_size", 2, "--epochs", 1, "--blr", 1e-2, "--data_path", photos, "--output_dir", tmp_path]
+    assert_ok(subprocess.run(main_cmd("main_pretrain.py", other), cwd=REPO, env=cli_env(), capture_output=True,
+                             text=True, timeout=300))
+    samples = ResumableSampler(list(range(14)), 1, 0, seed=0)
+    samples.set_epoch(0)
+    args = [*RUN, "--data_path", photos, "--output_dir", tmp_path, "--on_nonfinite", "rollback", "--no_auto_resume"]
+    proc = run(args, f"nonfinite_sample=0:{samples.global_order()[0]}")
+    assert_ok(proc)
+    lines = [x for x in proc.stderr.splitlines() if "rolled back" in x]
+    assert len(lines) == 1 and "rolled back to epoch 0, sample 0;" in lines[0], proc.stderr[-3000:]
+    assert load(tmp_path / "checkpoint-last.pth")["epoch"] == 2  # this run's 3 epochs, to the end
