@@ -14,8 +14,10 @@ own slot and the others still report:
             MixMIM-B when the budget allows
   loader    benchmarks/benchmark.py loader mode on the machine's cores: official PIL vs uint8 vs
             device_decode, and the cores one GPU needs at the measured step rates
-  e2e       main_pretrain.py on the generated images with the GPU defaults: loss, img/s and
-            data-wait share from its own progress lines
+  e2e       main_pretrain.py on the generated images with the GPU defaults: loss, img/s, MFU and
+            data-wait share from its own progress lines; with the representation monitor (a small
+            labelled set made from the photos), --profile (trace, CUDA memory snapshot) and the
+            hang watchdog on
 After every stage <out>/gpu_check.json and <out>/gpu_check.md are rewritten, so a check cut
 short still leaves what it measured. --cpu (automatic without CUDA) runs the same stages with
 a mini model, so the script is tested where no GPU is lent (tests/test_gpu_check.py).
@@ -229,21 +231,71 @@ class Check:
         self.record("loader", r)
 
     def e2e(self) -> None:
+        """The training CLI with the GPU defaults, and riding along what only a run shows on the
+        device: the representation monitor (CUDA embedding under autocast), MFU against the peak
+        table, the profiler's trace and CUDA memory snapshot, and the hang watchdog (on by default)."""
         out = self.out / "e2e"
         if self.cpu:
-            flags = ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--batch_size", "8", "--epochs", "3",
-                     "--warmup_epochs", "1", "--num_workers", "1", "--print_freq", "2", "--blr", "5e-3",
-                     "--device", "cpu"]
+            epochs, flags = 3, ["--model", "mae_vit_mini_patch16", "--input_size", "64", "--batch_size", "8",
+                                "--warmup_epochs", "1", "--num_workers", "1", "--print_freq", "2", "--blr", "5e-3",
+                                "--device", "cpu", "--profile_steps", "2", "2"]
         else:
-            flags = ["--model", "mae_vit_base_patch16", "--batch_size", "256", "--epochs", "25", "--warmup_epochs", "2",
-                     "--num_workers", str(max(1, self.cores - 2)), "--print_freq", "4", "--norm_pix_loss"]
-        cmd = [sys.executable, "main_pretrain.py", *flags, "--data_path", str(self.data), "--output_dir", str(out),
-               "--log_dir", str(out), "--save_every", "1000", "--no_auto_resume"]
+            epochs, flags = 25, ["--model", "mae_vit_base_patch16", "--batch_size", "256", "--warmup_epochs", "2",
+                                 "--num_workers", str(max(1, self.cores - 2)), "--print_freq", "4", "--norm_pix_loss",
+                                 "--profile_steps", "20", "3"]
+        monitor = make_monitor_data(self.out / "monitor_data", small=self.cpu)
+        cmd = [sys.executable, "main_pretrain.py", *flags, "--epochs", str(epochs), "--data_path", str(self.data),
+               "--output_dir", str(out), "--log_dir", str(out), "--save_every", "1000", "--no_auto_resume",
+               "--profile", "--monitor_every", str(epochs), "--monitor_data_path", str(monitor),
+               "--monitor_train_size", str(MONITOR_TRAIN), "--monitor_val_size", str(MONITOR_VAL)]
         r = self.run("e2e", cmd, timeout=min(120, self.left()))
         text = (self.out / r["log"]).read_text(encoding="utf-8", errors="replace")
         r.update(progress_summary(text))
+        r.update(feature_summary(text, out))
         r.pop("tail")
         self.record("e2e", r)
+
+
+MONITOR_CLASSES, MONITOR_TRAIN, MONITOR_VAL = 4, 48, 24
+
+
+def make_monitor_data(root: Path, small: bool) -> Path:
+    """A labelled set with train and val splits for the monitor: each class the crops of one bundled photo."""
+    from PIL import Image
+
+    if (root / "val").is_dir():
+        return root
+    rng = random.Random(1)
+    photos = sorted(PHOTOS.glob("*.jpg"))[:MONITOR_CLASSES]
+    for c, path in enumerate(photos):
+        img = Image.open(path).convert("RGB")
+        for split, n in (("train", MONITOR_TRAIN // MONITOR_CLASSES), ("val", MONITOR_VAL // MONITOR_CLASSES)):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                side = rng.randint(min(img.size) // 2, min(img.size))
+                x, y = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
+                size = 96 if small else 256
+                img.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC).save(
+                    folder / f"{k:03d}.jpg", quality=90)
+    return root
+
+
+_MONITOR = re.compile(r"^Monitor (?:\[(\d+)\] \((\d+) images\)|at the initial weights): (.*)$", re.M)
+
+
+def feature_summary(text: str, out: Path) -> Dict:
+    """What the e2e run's log and folder show of the monitor, MFU, the profiler and the watchdog."""
+    found: Dict = {}
+    for m in _MONITOR.finditer(text):
+        numbers = {k: float(v) for k, v in re.findall(r"(\w+): ([\d.]+)[%s]", m.group(3))}
+        found["monitor_initial" if m.group(1) is None else "monitor_last"] = numbers
+    mfu = [float(x) for x in re.findall(r"MFU: ([\d.]+)%", text)]
+    profile = out / "profile"
+    return {**found, "mfu_percent_median": sorted(mfu)[len(mfu) // 2] if mfu else None,
+            "profile_traces": sorted(p.name for p in profile.glob("*.pt.trace.json")) if profile.is_dir() else [],
+            "memory_snapshot": bool(list(profile.glob("*memory-snapshot.pickle"))) if profile.is_dir() else False,
+            "hang_files": sorted(p.name for p in (out / "hang").glob("*")) if (out / "hang").is_dir() else []}
 
 
 def cores_needed(loader_rows: List[Dict], step_rows: List[Dict]) -> Dict[str, Dict[str, float]]:
@@ -260,7 +312,7 @@ def cores_needed(loader_rows: List[Dict], step_rows: List[Dict]) -> Dict[str, Di
 
 
 _PROGRESS = re.compile(r"Epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\].*?loss: ([\d.naninf]+).*?img/s: ([\d.]+)\s+"
-                       r"data: [\d.]+s \((\d+)%\)\s+max mem: (\d+)MB")
+                       r"data: [\d.]+s \((\d+)%\).*?max mem: (\d+)MB")
 
 
 def progress_summary(text: str) -> Dict:
@@ -329,6 +381,12 @@ def summary_markdown(r: Dict) -> str:
                          f"{e['data_wait_percent_median']}%, max mem {e['max_mem_mb']} MB")
         else:
             lines.append(f"- main_pretrain.py: rc {e['rc']}, no progress lines (see {e['log']})")
+        last, first = e.get("monitor_last", {}), e.get("monitor_initial", {})
+        lines.append(f"- in that run: MFU median {e.get('mfu_percent_median')}%; monitor k-NN cls "
+                     f"{first.get('knn_cls')} -> {last.get('knn_cls')}% in {last.get('seconds')} s; "
+                     f"{len(e.get('profile_traces', []))} profiler trace(s), memory snapshot "
+                     f"{'written' if e.get('memory_snapshot') else 'none'}; hang files: "
+                     f"{', '.join(e.get('hang_files', [])) or 'none'}")
     return "\n".join(lines) + "\n"
 
 

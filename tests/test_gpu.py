@@ -4,8 +4,8 @@ also without a second one.
 
 What only a GPU proves: autocast numerics (bf16 and fp16) against fp32, the fp16 gradient
 scaler with fused AdamW, fused AdamW on CUDA, nvjpeg decoding, nccl,
-bit-identical resume after kill -9 with deterministic algorithms, the non-finite stop, and the
-progress line's CUDA memory peak.
+bit-identical resume after kill -9 with deterministic algorithms, FSDP2 on nccl, the non-finite stop,
+and the progress line's CUDA memory peak.
 """
 import re
 import socket
@@ -210,6 +210,19 @@ def test_kill9_on_gpu_resumes_bit_identical(photos_gpu, uninterrupted_gpu, tmp_p
     assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_iter"] < 7
     assert_ok(run_cli(args))
     assert_identical(reference / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth")
+
+
+def test_fsdp_on_nccl_matches_ddp_and_writes_a_sharded_checkpoint(photos_gpu, uninterrupted_gpu, tmp_path):
+    """FSDP2 on one GPU (nccl, bf16 autocast as DDP's): the same run as the DDP reference within
+    bf16 kernel noise, its checkpoint a DCP directory that reads back whole."""
+    from test_fsdp import max_diff
+
+    reference, _ = uninterrupted_gpu
+    assert_ok(run_cli([*GPU_RUN, "--deterministic", "--dist_strategy", "fsdp", "--data_path", photos_gpu,
+                       "--output_dir", tmp_path]))
+    last = tmp_path / "checkpoint-last"
+    assert last.is_dir() and (last / "COMPLETE").exists()
+    assert max_diff(reference / "checkpoint-last.pth", last) <= 1e-3
 
 
 def test_progress_line_reports_the_cuda_memory_peak(uninterrupted_gpu):

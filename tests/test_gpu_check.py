@@ -30,7 +30,13 @@ def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
     assert set(loader["cores_needed"]["uint8"]) == {"mini_fp32_eager"}
     e2e = s["e2e"]
     assert e2e["rc"] == 0 and e2e["epochs_seen"] == 3 and e2e["progress_lines"] >= 3 and e2e["img_per_s_median"] > 0
+    # What rides along in that run: the monitor (initial weights and after the last epoch), MFU against the
+    # measured CPU peak, one profiler trace (no CUDA memory snapshot on CPU), no hang.
+    for key in ("monitor_initial", "monitor_last"):
+        assert set(e2e[key]) >= {"knn_cls", "linear_cls"} and all(0 <= e2e[key][k] <= 100 for k in ("knn_cls", "linear_cls"))
+    assert e2e["monitor_last"]["seconds"] > 0 and e2e["mfu_percent_median"] > 0
+    assert len(e2e["profile_traces"]) == 1 and e2e["memory_snapshot"] is False and e2e["hang_files"] == []
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| mini_fp32_eager | ours |" in md and "| uint8 |" in md and "main_pretrain.py: rc 0" in md
-    assert "`pytest -m gpu`: rc 0, 0 passed, 0 failed" in md
+    assert "`pytest -m gpu`: rc 0, 0 passed, 0 failed" in md and "1 profiler trace(s), memory snapshot none" in md
     assert (tmp_path / "logs" / "e2e.log").read_text().count("Epoch: [2]") >= 1
