@@ -37,6 +37,7 @@ from util.errors import UserError
 from util.rng import get_rng_state, set_rng_state
 
 from .data import KeyedSamples, eval_transform, open_source, to_model_input
+from .profiling import named_range
 
 log = logging.getLogger("mae")
 
@@ -93,23 +94,43 @@ def monitor_sources(args) -> Optional[SimpleNamespace]:
     return SimpleNamespace(train=train, val=val, path=path, bank=bank, val_subset=subset)
 
 
-def _labels(source, candidates: np.ndarray) -> np.ndarray:
-    """The labels of `candidates`; folders list them, other sources are read."""
+def listed_labels(source) -> Optional[np.ndarray]:
+    """Every label of `source` when it lists them without reading an image: an image folder's
+    targets, a Hugging Face dataset's label column (arrow, the image column untouched); None for
+    sources whose labels sit beside each image (tar shards' .cls members)."""
     targets = getattr(source, "targets", None)
     if targets is not None:
-        return np.asarray(targets, dtype=np.int64)[candidates]
-    return np.asarray([source[int(i)][1] for i in candidates], dtype=np.int64)
+        return np.asarray(targets, dtype=np.int64)
+    column, data = getattr(source, "label_column", None), getattr(source, "data", None)
+    if column and hasattr(data, "select_columns"):
+        labels = np.asarray(data.select_columns([column]).with_format("numpy")[:][column])
+        if np.issubdtype(labels.dtype, np.integer):
+            return labels.astype(np.int64)
+    return None  # (a column with missing labels is read row by row, which names the row)
+
+
+def _read_labels(source, candidates: np.ndarray) -> np.ndarray:
+    """The labels of `candidates`, read in source order: tar shards are read front to back, each
+    opened once, not once per image as a random order would (the LRU holds a few shards)."""
+    labels = np.empty(len(candidates), dtype=np.int64)
+    for j in np.argsort(candidates, kind="stable"):
+        labels[j] = source[int(candidates[j])][1]
+    return labels
 
 
 def balanced_subset(source, size: int, seed: int, salt: int) -> Tuple[np.ndarray, np.ndarray]:
     """(indices, labels) of `size` images of `source`, as many of each class as there are (round
-    robin over the classes in a seeded random order), the same for every process and world size.
-    Sources that do not list their labels are read for at most 4 * size candidates."""
+    robin over the classes in a seeded random order), the same for every process and world size,
+    sorted by index (the monitor reads them in source order). Sources that do not list their labels
+    (listed_labels) are read for at most 4 * size candidates."""
     rng = np.random.default_rng([seed, salt])  # private: no global stream is touched
     order = rng.permutation(len(source))
-    if getattr(source, "targets", None) is None:
+    listed = listed_labels(source)
+    if listed is None:
         order = order[:4 * size]
-    labels = _labels(source, order)
+        labels = _read_labels(source, order)
+    else:
+        labels = listed[order]
     # Rank of each candidate within its class, in the permutation's order: take rank 0 of every
     # class, then rank 1, ...
     by_class = np.argsort(labels, kind="stable")
@@ -117,7 +138,7 @@ def balanced_subset(source, size: int, seed: int, salt: int) -> Tuple[np.ndarray
     rank_in_class = np.empty(len(order), dtype=np.int64)
     rank_in_class[by_class] = np.arange(len(order)) - starts
     chosen = np.lexsort((np.arange(len(order)), rank_in_class))[:size]
-    chosen.sort()  # the permutation's order: folders are read roughly in sequence
+    chosen = chosen[np.argsort(order[chosen], kind="stable")]  # by source index, the labels along
     return order[chosen], labels[chosen]
 
 
@@ -243,21 +264,23 @@ class Monitor:
         return len(self.bank[0]) + len(self.val[0])
 
     def measure(self, model: torch.nn.Module) -> Dict[str, float]:
-        """The numbers for `model` (the plain or FSDP module) and the seconds they took."""
+        """The numbers for `model` (the plain or FSDP module) and the seconds they took; in a
+        --profile trace they are the range "monitor"."""
         start = time.perf_counter()
         was_training = [m.training for m in model.modules()]
         rng = get_rng_state()  # no draw is expected; this makes sure
         model.eval()
         try:
-            common = dict(input_size=self.input_size, batch_size=self.batch_size, device=self.device,
-                          amp_dtype=self.amp_dtype, num_workers=self.num_workers, seed=self.seed)
-            bank = embed(model.encoder_features, self.sources.train, self.bank[0], **common)
-            val = embed(model.encoder_features, self.sources.val, self.val[0], **common)
-            out = {}
-            if dist_util.is_main_process():
-                labels = (torch.as_tensor(self.bank[1], device=self.device),
-                          torch.as_tensor(self.val[1], device=self.device))
-                out = scores(bank, labels[0], val, labels[1])
+            with named_range("monitor"):
+                common = dict(input_size=self.input_size, batch_size=self.batch_size, device=self.device,
+                              amp_dtype=self.amp_dtype, num_workers=self.num_workers, seed=self.seed)
+                bank = embed(model.encoder_features, self.sources.train, self.bank[0], **common)
+                val = embed(model.encoder_features, self.sources.val, self.val[0], **common)
+                out = {}
+                if dist_util.is_main_process():
+                    labels = (torch.as_tensor(self.bank[1], device=self.device),
+                              torch.as_tensor(self.val[1], device=self.device))
+                    out = scores(bank, labels[0], val, labels[1])
         finally:
             for m, mode in zip(model.modules(), was_training):
                 m.training = mode

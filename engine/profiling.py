@@ -1,9 +1,13 @@
 """--profile: a torch.profiler trace of a few training steps, and on CUDA a memory snapshot.
 
 The trainer marks its phases with named ranges (RANGES) whether or not a profiler runs (a range
-costs microseconds per step); StepProfiler records steps START .. START + COUNT - 1 of this process,
-counted from its first step, writes the trace (<dir>/<worker>.pt.trace.json: tensorboard's
-profiler plugin and https://ui.perfetto.dev open it) and stops, and training goes on.
+costs microseconds per step; the representation monitor runs under "monitor"); StepProfiler records
+steps START .. START + COUNT - 1 of this process, counted from its first training step (start():
+what runs before training, such as the monitor's measurement of the initial weights, is not in
+the schedule), writes the trace (<dir>/<worker>.pt.trace.json: tensorboard's profiler plugin and
+https://ui.perfetto.dev open it) and stops, and training goes on. stop() also ends a run that
+stops early (preemption, a non-finite loss): what was traced is written and CUDA memory history
+recording ends.
 """
 import logging
 import os
@@ -14,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 log = logging.getLogger("mae")
 
-RANGES = ("data_wait", "forward", "backward", "optimizer_step", "checkpoint_save")
+RANGES = ("data_wait", "forward", "backward", "optimizer_step", "checkpoint_save", "monitor")
 
 
 def named_range(name: str):
@@ -23,7 +27,8 @@ def named_range(name: str):
 
 
 class StepProfiler:
-    """Profiles COUNT steps from step START of this process; step() after every training step."""
+    """Profiles COUNT steps from step START of this process: start() before the first training
+    step, step() after every training step, stop() however training ends."""
 
     def __init__(self, folder: str, start: int, count: int, rank: int, device: torch.device):
         self.folder, self.count, self.device = folder, count, device
@@ -38,10 +43,17 @@ class StepProfiler:
                             schedule=schedule(wait=start - warmup, warmup=warmup, active=count, repeat=1),
                             on_trace_ready=tensorboard_trace_handler(folder, worker_name=f"rank{rank}"),
                             record_shapes=False, with_stack=False)
-        self.prof.start()
+        self.started = False
         self.snapshot = os.path.join(folder, f"rank{rank}-memory-snapshot.pickle") if device.type == "cuda" else None
         self._recording_memory = False
-        if self.snapshot and start == 0:
+
+    def start(self) -> None:
+        """The schedule's step 0 begins here (the trainer calls it before its first step); once."""
+        if self.started or self.prof is None:
+            return
+        self.started = True
+        self.prof.start()
+        if self.snapshot and self.active_from == 0:
             self._record_memory()
 
     def _record_memory(self) -> None:
@@ -56,6 +68,7 @@ class StepProfiler:
     def step(self) -> None:
         if self.prof is None:
             return
+        self.start()  # (a no-op once started)
         self.steps += 1
         if self.snapshot and self.steps == self.active_from:
             self._record_memory()
@@ -68,13 +81,22 @@ class StepProfiler:
         if self.prof is None:
             return
         prof, self.prof = self.prof, None
-        prof.stop()
-        if self._recording_memory:
-            torch.cuda.memory._dump_snapshot(self.snapshot)
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self._recording_memory = False
+        if not self.started:
+            return  # training never began: nothing was recorded
+        try:
+            prof.stop()
+        finally:
+            if self._recording_memory:
+                self._recording_memory = False
+                try:
+                    torch.cuda.memory._dump_snapshot(self.snapshot)
+                finally:
+                    torch.cuda.memory._record_memory_history(enabled=None)
         if self.steps >= self.end:
             log.info("Profiler: steps %d-%d traced into %s", self.end - self.count, self.end - 1, self.folder)
+        elif self.steps >= self.active_from:
+            log.info("Profiler: training ended after %d steps; the steps from %d traced into %s", self.steps,
+                     self.active_from, self.folder)
 
 
 def make_profiler(logging_cfg, rank: int, device: torch.device) -> Optional[StepProfiler]:

@@ -65,9 +65,11 @@ class TrainingRun:
     profiler: Optional[StepProfiler] = None  # --profile on this rank
     watchdog: Watchdog = field(default_factory=Watchdog.disabled)  # told of every optimizer step
     params: List[torch.nn.Parameter] = field(init=False, repr=False)
+    spikes: "LossSpikes" = field(init=False, repr=False)  # one for the whole run: epochs do not restart its warm-up
 
     def __post_init__(self):
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.spikes = LossSpikes(self.device)
 
     @classmethod
     def from_config(cls, cfg, **parts) -> "TrainingRun":
@@ -138,7 +140,9 @@ class NonFiniteWatch:
 
 class LossSpikes:
     """Warns (rank 0, one line) when a loss is well above the recent mean. The comparison runs on
-    the device; its result is read at print time, with the other device values."""
+    the device; its result is read at print time, with the other device values. One instance
+    follows the whole run (TrainingRun.spikes), so after the first WARMUP steps every iteration of
+    every epoch is checked."""
 
     FACTOR, WARMUP, DECAY = 3.0, 20, 0.98  # x the running mean; steps before the first check; the mean's decay
 
@@ -211,7 +215,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
         run.model.train(True)
     meters, timer = DeviceMeters(), LoopTimer(epoch_iters, start_iter)
     watch = NonFiniteWatch(run.device, epoch, run.skip_nonfinite, rollback=run.rollback is not None)
-    spikes = LossSpikes(run.device)
+    spikes = run.spikes  # the run's: its running mean goes on from the previous epoch
     lr, lr_sum = run.optimizer.param_groups[0]["lr"], 0.0
 
     run.optimizer.zero_grad(set_to_none=True)
@@ -274,6 +278,18 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
     return stats
 
 
+def _stop_profiler(profiler: StepProfiler, finished: bool) -> None:
+    """profiler.stop() in fit's finally. When training did not finish (an exception is on its way),
+    a failure to write the trace is a warning: the exception that ended training is the one raised."""
+    if finished:
+        profiler.stop()
+        return
+    try:
+        profiler.stop()
+    except Exception as e:  # noqa: BLE001 -- the training error matters more
+        log.warning("warning: the profiler trace was not written: %s", e)
+
+
 def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
     """Train from `pos` (a checkpoint Position) to run.epochs, a checkpoint and a log.txt line
     after every epoch.
@@ -285,39 +301,48 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
     log.info("Start training for %d epochs (%d iterations each)", run.epochs, epoch_iters)
     start_time = time.time()
     epoch, start = pos.epoch, pos.samples_in_epoch
-    while epoch < run.epochs:
-        try:
-            stats = train_one_epoch(run, epoch, start)
-        except NonFiniteWindow as bad:
-            with run.watchdog.slow("a rollback"):
-                pos = run.rollback.recover(bad)
-            epoch, start = pos.epoch, pos.samples_in_epoch
-            continue
-        record = {f"train_{k}": v for k, v in stats.items()}
-        best, extra = False, None
-        if after_epoch is not None:
-            with run.watchdog.slow("the end-of-epoch evaluation"):
-                fields, best, extra = after_epoch(epoch)
-            record.update(fields)
-
-        numbered = epoch % run.save_every == 0 or epoch + 1 == run.epochs
-        with run.watchdog.slow("a checkpoint save"), named_range("checkpoint_save"):
-            run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
-                                  numbered=numbered, best=best, extra=extra)
-        record["epoch"] = epoch
-        if run.output_dir and dist_util.is_main_process():
-            if run.log_writer is not None:
-                run.log_writer.flush()
-            append_epoch_record(run.output_dir, record, epoch)
-        if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
-            with run.watchdog.slow("a checkpoint save"):
-                run.checkpointer.close()
-            run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
-        epoch, start = epoch + 1, 0
-    with run.watchdog.slow("a checkpoint save"):
-        run.checkpointer.close()  # the last (async) save is written before training ends
     if run.profiler is not None:
-        run.profiler.stop()  # a run shorter than --profile_steps still writes what it traced
+        run.profiler.start()  # its schedule counts training steps: what ran before (the monitor's first run) is not in it
+    finished = False
+    try:
+        while epoch < run.epochs:
+            try:
+                stats = train_one_epoch(run, epoch, start)
+            except NonFiniteWindow as bad:
+                with run.watchdog.slow("a rollback"):
+                    pos = run.rollback.recover(bad)
+                epoch, start = pos.epoch, pos.samples_in_epoch
+                continue
+            record = {f"train_{k}": v for k, v in stats.items()}
+            best, extra = False, None
+            if after_epoch is not None:
+                with run.watchdog.slow("the end-of-epoch evaluation"):
+                    fields, best, extra = after_epoch(epoch)
+                record.update(fields)
+
+            numbered = epoch % run.save_every == 0 or epoch + 1 == run.epochs
+            with run.watchdog.slow("a checkpoint save"), named_range("checkpoint_save"):
+                run.checkpointer.save(epoch, epoch_iters, epoch_iters, epoch_iters * global_batch,
+                                      numbered=numbered, best=best, extra=extra)
+            record["epoch"] = epoch
+            if run.output_dir and dist_util.is_main_process():
+                if run.log_writer is not None:
+                    run.log_writer.flush()
+                append_epoch_record(run.output_dir, record, epoch)
+            if run.stop is not None and epoch + 1 < run.epochs and run.stop.agreed():
+                with run.watchdog.slow("a checkpoint save"):
+                    run.checkpointer.close()
+                run.stop.stop(f"after epoch {epoch}", run.checkpointer.last_name)
+            epoch, start = epoch + 1, 0
+        with run.watchdog.slow("a checkpoint save"):
+            run.checkpointer.close()  # the last (async) save is written before training ends
+        finished = True
+    finally:
+        if run.profiler is not None:
+            # Also when training stops early (preemption, TrainingStopped): what was traced is
+            # written, and CUDA memory history recording ends. A run shorter than --profile_steps
+            # writes what it traced.
+            _stop_profiler(run.profiler, finished)
 
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:

@@ -116,7 +116,7 @@ def test_full_disk_during_training_keeps_the_previous_checkpoint(photos, tmp_pat
                               f"space on the disk of {out}"), err
         ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)
         assert (ckpt["epoch"], ckpt["epoch_iter"]) == (0, 1)  # the mid-epoch save before the failed one
-        assert sorted(os.listdir(out)) == [".run.lock", LAST]  # no half-written temp file left behind
+        assert sorted(os.listdir(out)) == [".run.lock", LAST, "config.yaml"]  # no half-written temp file left behind
         assert _run("mount", "-o", "remount,size=80m", disk)
         proc = pretrain([*args, "--output_dir", out])  # space freed: the same command resumes and finishes
         assert_ok(proc)

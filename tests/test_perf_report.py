@@ -1,6 +1,7 @@
 """What the progress line says of speed (TFLOP/s, MFU against the device's peak, the slowest and
 fastest rank's step time) and --profile's trace, on a real 2-process run."""
 import json
+import logging
 import re
 
 import pytest
@@ -80,3 +81,82 @@ def test_progress_line_and_profile_trace_on_two_processes(photos, tmp_path):
     names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
     assert {"data_wait", "forward", "backward", "optimizer_step", "checkpoint_save"} <= names
     assert "Profiler: steps 2-4 traced" in proc.stdout
+
+
+def trace_events(out):
+    traces = sorted((out / "profile").glob("*.pt.trace.json"))
+    assert [t.name.split(".")[0] for t in traces] == ["rank0"]
+    return json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_profile_counts_training_steps_and_names_the_monitor(photos, tmp_path):
+    """Steps 0-8 of 2 epochs of 7: the monitor's run after epoch 0 is in the trace as "monitor"; its
+    measurement of the initial weights, before the first step, is not (the schedule starts there)."""
+    from test_monitor import write_digits
+
+    digits = write_digits(tmp_path / "digits", every=12)
+    out = tmp_path / "out"
+    proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 2, "--epochs", 2, "--print_freq", 7,
+                     "--monitor_every", 1, "--monitor_data_path", digits, "--monitor_train_size", 20,
+                     "--monitor_val_size", 10, "--profile", "--profile_steps", 0, 9, "--output_dir", out])
+    assert_ok(proc)
+    assert proc.stdout.count("Monitor at the initial weights") == 1 and "Profiler: steps 0-8 traced" in proc.stdout
+    events = trace_events(out)
+    assert sum(e.get("name") == "monitor" for e in events) == 1
+    assert sum(e.get("name") == "forward" for e in events) == 9
+    steps = sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    assert steps == list(range(9))
+
+
+def test_profile_trace_is_written_when_training_stops_early(photos, tmp_path, monkeypatch):
+    """A non-finite loss in epoch 1 (TrainingStopped at step 8) within --profile_steps 5 20: the trace
+    of the steps from 5 is written all the same."""
+    monkeypatch.setenv("MAE_TEST_HOOKS", "nonfinite_epoch=1")
+    out = tmp_path / "out"
+    proc = pretrain([*MINI, "--data_path", photos, "--batch_size", 2, "--epochs", 3, "--print_freq", 1,
+                     "--profile", "--profile_steps", 5, 20, "--output_dir", out])
+    assert proc.returncode != 0 and "loss is not finite at epoch 1" in proc.stdout + proc.stderr
+    events = trace_events(out)
+    steps = sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    assert steps[0] == 5 and steps[-1] >= 7
+    assert {"data_wait", "forward", "backward", "optimizer_step"} <= {e.get("name") for e in events}
+    assert "Profiler: training ended after 8 steps; the steps from 5 traced" in proc.stdout
+
+
+class _Losses:
+    """A loader of 25 one-sample batches per epoch, each batch its (epoch, iteration)."""
+    iters_per_epoch, global_batch = 25, 1
+
+    def set_position(self, epoch, samples_done=0):
+        self.epoch, self.start = epoch, samples_done
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.start, self.iters_per_epoch)])
+
+
+def test_loss_spikes_are_watched_from_the_first_iteration_of_later_epochs(caplog):
+    """A loss 10x the others at epoch 1, iteration 3: the running mean of epoch 0 goes on, so it is
+    reported (a watch rebuilt per epoch would still be in its 20-step warm-up)."""
+    from engine.lr_sched import LrSchedule
+    from engine.trainer import TrainingRun, train_one_epoch
+
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def compute_loss(model, batch):
+        epoch, it = batch
+        return model.weight.sum() * 0 + (10.0 if (epoch, it) == (1, 3) else 1.0)
+
+    run = TrainingRun(model=model, compute_loss=compute_loss, optimizer=optimizer,
+                      scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                      loader=_Losses(), schedule=LrSchedule(0.0, 0.0, 0, 2), epochs=2, print_freq=100)
+    logger = logging.getLogger("mae")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mae"):
+            train_one_epoch(run, 0)
+            assert "loss spike" not in caplog.text
+            train_one_epoch(run, 1)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "loss spike at epoch 1, iteration 3: 10, 10.0x the recent mean 1" in caplog.text
