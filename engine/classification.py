@@ -11,7 +11,7 @@ import torch
 from util.errors import UserError
 
 from .checkpoint import load_model_weights, load_pretrained_encoder, read_checkpoint, recorded_args, weights_of
-from .checks import check_args, check_checkpoint_path, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes
+from .checks import check_args, check_checkpoint_path, check_launch, check_output_dirs, check_resume_file, checkpoint_bytes, warn
 from .config import RunConfig
 from .data import (
     check_auto_augment,
@@ -106,6 +106,8 @@ def preflight(args, world_size: int, on_this_machine: bool = True, linprobe: boo
     check_args(args)
     check_classification_args(args, linprobe)
     check_launch(args, world_size, on_this_machine)
+    if args.peak_tflops is not None:  # no FLOP count of the classifiers' step (engine/flops.py counts the MAE's)
+        warn(f"--peak_tflops {args.peak_tflops} is not used: TFLOP/s and MFU are reported by pretraining only")
     with torch.device("meta"):  # no memory, no initialisation
         model = build_model(args.model, "classify", **_classifier_kwargs(args, linprobe))
     patch = model.input_stride

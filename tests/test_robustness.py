@@ -178,6 +178,8 @@ CASES = [
     ("hf-image-column-is-text", "pretrain", P + " --data_path {w}/hf_text --image_column label", 2,
      "--image_column label: the column 'label' of {w}/hf_text[train] holds text whose first value 'cat' is not an "
      "image file", ()),
+    ("finetune-peak-tflops-unused", "finetune", F + " --data_path {w}/hf_class --peak_tflops 100", 0,
+     "warning: --peak_tflops 100.0 is not used: TFLOP/s and MFU are reported by pretraining only", ()),
 ]
 
 
