@@ -24,7 +24,7 @@ from util.dist import LaunchEnv
 import main_finetune
 import main_linprobe
 import main_pretrain
-from conftest import MINI, REPO, one_line_error, pretrain, restored_process_state
+from conftest import MINI, REPO, assert_ok, one_line_error, pretrain, restored_process_state
 
 CONFIGS = REPO / "configs"
 CLI = {"pretrain": (main_pretrain, pretrain_engine.PretrainRecipe()),
@@ -178,6 +178,19 @@ def test_effective_batch_gives_the_same_batch_and_lr_on_1_2_4_processes(tmp_path
     path.write_text("effective_batch: 16\nbatch_size: 2\n")
     assert flags("pretrain", ["--config", path, "--accum_iter", 3], 2)["accum_iter"] == 3
     assert flags("pretrain", ["--config", path, "--batch_size", 4], 2)["accum_iter"] == 2
+
+
+@pytest.mark.parametrize("nproc, accum", [(2, 4), (4, 2)])
+def test_effective_batch_under_torchrun_gives_the_same_batch_and_lr(nproc, accum):
+    """The same, from real torchrun launches: each process resolves its launch; rank 0 alone prints."""
+    proc = pretrain([*MINI, "--batch_size", 2, "--effective_batch", 16, "--blr", 1e-3, "--print_config"], nproc=nproc)
+    assert_ok(proc)
+    assert proc.stdout.count("# The resolved config of a main_pretrain.py run") == 1
+    assert f"run on {nproc} processes" in proc.stdout
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["accum_iter"] == accum and printed["batch_size"] * accum * nproc == printed["effective_batch"] == 16
+    lr = re.search(r"^# lr: (\S+)$", proc.stdout, re.M)
+    assert float(lr.group(1)) == pytest.approx(1e-3 * 16 / 256)
 
 
 def cli_error(task: str, argv, capsys) -> str:
