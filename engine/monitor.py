@@ -294,15 +294,23 @@ def format_line(numbers: Dict[str, float]) -> str:
     return "  ".join(f"{k}: {v:.2f}" + ("s" if k == "seconds" else "%") for k, v in numbers.items())
 
 
+INITIAL_KEY = "monitor_initial"  # checkpoint entry: initial-weights numbers not yet reported
+
+
 def monitor_hook(monitor: Monitor, model: torch.nn.Module, every: int, epochs: int, log_writer=None,
-                 initial: bool = True) -> Callable[[int], Tuple[dict, bool, Optional[dict]]]:
+                 initial: bool = True, pending: Optional[Dict[str, float]] = None,
+                 checkpoint_state: Optional[dict] = None) -> Callable[[int], Tuple[dict, bool, Optional[dict]]]:
     """fit()'s after_epoch for the monitor: numbers every `every` epochs and after the last, as one
     log line, log.txt fields 'monitor/<name>', tensorboard / W&B scalars at the epoch. initial: a new
     run measures the initial weights now (before any training) and reports them with the first
-    numbers, once."""
-    first: Dict[str, float] = {}
+    numbers, once. Until then they ride in checkpoint_state (the checkpoints' extra entries): a run
+    killed before its first report gets them back as `pending` when it resumes."""
+    first: Dict[str, float] = dict(pending or {})
     if initial:
         first = monitor.measure(model)
+    state = checkpoint_state if checkpoint_state is not None else {}
+    if first:
+        state[INITIAL_KEY] = dict(first)
 
     def after_epoch(epoch: int):
         if epoch % every and epoch + 1 != epochs:
@@ -319,6 +327,7 @@ def monitor_hook(monitor: Monitor, model: torch.nn.Module, every: int, epochs: i
             for tag, value in fields.items():
                 log_writer.add_scalar(tag, value, epoch)
         first.clear()
+        state.pop(INITIAL_KEY, None)  # reported: the checkpoint of this epoch no longer carries them
         return fields, False, None
     return after_epoch
 

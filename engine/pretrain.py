@@ -24,7 +24,7 @@ from .config import RunConfig
 from .data import check_batch_fits, pretrain_transform, source_from_args, to_model_input, train_loader, train_order
 from .flops import train_flops_per_image
 from .model_factory import build_model
-from .monitor import Monitor, chain, monitor_hook, monitor_sources
+from .monitor import INITIAL_KEY, Monitor, chain, monitor_hook, monitor_sources
 from .optim import adamw
 from .pretrain_model import build_pretrain_model, check_decoder_width, decoder_overrides
 from .recipe import Built, loader_settings, run
@@ -162,7 +162,8 @@ def representation_monitor(built: Built, module):
     log.info("Monitor: %d + %d images of %s every %d epochs", len(monitor.bank[0]), len(monitor.val[0]),
              sources.path, cfg.monitor.every)
     return monitor_hook(monitor, module, cfg.monitor.every, cfg.optim.epochs, built.log_writer,
-                        initial=not built.resumed)
+                        initial=not built.resumed, pending=built.resumed.get(INITIAL_KEY),
+                        checkpoint_state=built.checkpoint_state)
 
 
 class PretrainRecipe:

@@ -64,6 +64,7 @@ class Built:
     val_loader: Optional[object]
     log_writer: Optional[LogWriter]
     resumed: dict                      # the resumed checkpoint's plain entries (no tensors); {} for a new run
+    checkpoint_state: dict             # plain entries every later checkpoint carries (the checkpointer's extra_state)
 
 
 class Recipe(Protocol):
@@ -182,7 +183,8 @@ def _run(recipe: Recipe, args, eval_only: bool, closing: contextlib.ExitStack) -
     if cfg.optim.on_nonfinite == "rollback":
         rollback = _rollback(cfg, strategy, model, optimizer, scaler, checkpointer, loader, pos,
                              resumed.get("_path"))
-    built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed)
+    built = Built(cfg, plan, strategy, device, amp_dtype, train_model, val_loader, log_writer, resumed,
+                  checkpointer.extra_state)
     compute_loss = recipe.compute_loss(cfg, device)
     if test_hooks.ACTIVE:
         compute_loss = test_hooks.wrap_loss(compute_loss, cfg.dist.rank)

@@ -266,6 +266,23 @@ def test_kill9_and_resume_with_the_monitor_is_bit_identical(few_digits, runs, tm
     assert monitor_numbers(tmp_path)[-1] == monitor_numbers(runs["monitor"])[-1]
 
 
+def test_initial_numbers_survive_a_kill_before_the_first_report(few_digits, runs, tmp_path):
+    """Killed in epoch 0 after a mid-epoch checkpoint: the resumed run cannot measure the initial
+    weights again (they are gone), so the checkpoint carried the numbers until their report."""
+    args = [*BASE, *MONITOR, "--batch_size", 8, "--data_path", few_digits, "--output_dir", tmp_path]
+    run_and_kill(args, r"Epoch: \[0\]  \[ ?9/14\]")
+    assert "monitor_initial" in model_state(tmp_path / "checkpoint-last.pth")
+    proc = pretrain(args)
+    assert_ok(proc)
+    assert "Monitor at the initial weights" in proc.stdout
+    def initial_numbers(out):
+        return [{k: v for k, v in r.items() if k.startswith("monitor/initial/") and not k.endswith("seconds")}
+                for r in records(out)]
+    initial, reference = initial_numbers(tmp_path), initial_numbers(runs["monitor"])
+    assert initial[0] and initial == reference  # the same numbers, in the epoch-0 record only
+    assert "monitor_initial" not in model_state(tmp_path / "checkpoint-last.pth")
+
+
 # --------------------------------------------------------------------------- it sees learning
 # All 1347 train digits at 64 px, batch 32, 24 epochs (1008 steps, lr 3.75e-4 after 1 warm-up epoch): plain
 # MAE, mask ratio 0.75. About a minute and a half on 2 CPU cores. The first 50-200 steps pull k-NN 5-15 points
