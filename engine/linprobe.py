@@ -1,4 +1,4 @@
-"""The linear-probing recipe (official LINPROBE.md): the encoder frozen in eval mode, a BatchNorm
+"""The linear-probing recipe (official FINETUNE.md, "Linear Probing"): the encoder frozen in eval mode, a BatchNorm
 (no affine) before the linear head, LARS on the head, random resized crop and flip only. The
 classification parts it shares with fine-tuning are engine/classification.py's.
 """

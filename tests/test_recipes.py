@@ -1,7 +1,7 @@
 """Recipe files (--config), --effective_batch, --print_config and the run's own config.yaml.
 
 The official recipes are checked against the official commands written out here from
-facebookresearch/mae PRETRAIN.md / FINETUNE.md (LINPROBE section) and Sense-X/MixMIM's scripts:
+facebookresearch/mae PRETRAIN.md / FINETUNE.md (its Linear Probing section) and Sense-X/MixMIM's scripts:
 both are resolved for the official number of GPUs and must give the same flags, value by value.
 """
 import argparse
