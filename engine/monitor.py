@@ -95,18 +95,11 @@ def monitor_sources(args) -> Optional[SimpleNamespace]:
 
 
 def listed_labels(source) -> Optional[np.ndarray]:
-    """Every label of `source` when it lists them without reading an image: an image folder's
-    targets, a Hugging Face dataset's label column (arrow, the image column untouched); None for
-    sources whose labels sit beside each image (tar shards' .cls members)."""
+    """Every label of `source` when it lists them without reading an image (`targets`: an image
+    folder's, a Hugging Face dataset's label column); None for sources whose labels sit beside each
+    image (tar shards' .cls members)."""
     targets = getattr(source, "targets", None)
-    if targets is not None:
-        return np.asarray(targets, dtype=np.int64)
-    column, data = getattr(source, "label_column", None), getattr(source, "data", None)
-    if column and hasattr(data, "select_columns"):
-        labels = np.asarray(data.select_columns([column]).with_format("numpy")[:][column])
-        if np.issubdtype(labels.dtype, np.integer):
-            return labels.astype(np.int64)
-    return None  # (a column with missing labels is read row by row, which names the row)
+    return None if targets is None else np.asarray(targets, dtype=np.int64)
 
 
 def _read_labels(source, candidates: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ import os
 import re
 from typing import List, Optional, Tuple
 
+import numpy as np
+
 from util.errors import UserError
 from util.walk import find_files, walk_once
 
@@ -185,6 +187,15 @@ class HFSource:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    @property
+    def targets(self) -> Optional[List[int]]:
+        """Every row's label, read from arrow with no image touched (as a folder lists its
+        targets); None without a label column, or when one is missing (reading that row names it)."""
+        if not self.label_column:
+            return None
+        labels = np.asarray(self.data.select_columns([self.label_column]).with_format("numpy")[:][self.label_column])
+        return labels.astype(np.int64).tolist() if np.issubdtype(labels.dtype, np.integer) else None
 
     def __getitem__(self, index: int) -> Tuple[bytes, int]:
         row = self.data[index]
