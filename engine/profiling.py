@@ -11,6 +11,7 @@ recording ends.
 """
 import logging
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -97,6 +98,28 @@ class StepProfiler:
         elif self.steps >= self.active_from:
             log.info("Profiler: training ended after %d steps; the steps from %d traced into %s", self.steps,
                      self.active_from, self.folder)
+
+
+@contextmanager
+def profiling(profiler: Optional[StepProfiler]):
+    """The training loop under the profiler: started at the first training step (what ran before,
+    such as the monitor's first measurement, is not in its schedule), stopped however the loop
+    ends. A run shorter than --profile_steps writes what it traced; when training stops early
+    (preemption, TrainingStopped) the trace is still written and CUDA memory history recording
+    ends, and a failure to write it is a warning: the error that ended training is the one raised."""
+    if profiler is None:
+        yield
+        return
+    profiler.start()
+    try:
+        yield
+    except BaseException:
+        try:
+            profiler.stop()
+        except Exception as e:  # noqa: BLE001 -- the training error matters more
+            log.warning("warning: the profiler trace was not written: %s", e)
+        raise
+    profiler.stop()
 
 
 def make_profiler(logging_cfg, rank: int, device: torch.device) -> Optional[StepProfiler]:

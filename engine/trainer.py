@@ -24,7 +24,7 @@ from .launch.preemption import StopRequest
 from .launch.watchdog import Watchdog
 from .lr_sched import LrSchedule, adjust_learning_rate
 from .precision import autocast
-from .profiling import StepProfiler, named_range
+from .profiling import StepProfiler, named_range, profiling
 from .protocols import Checkpointer, LogWriter, Strategy, TrainLoader
 from .reporting.logs import append_epoch_record, report_progress
 from .rollback import NonFiniteWindow, Rollback
@@ -278,18 +278,6 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_sample: int = 0) -> Dict
     return stats
 
 
-def _stop_profiler(profiler: StepProfiler, finished: bool) -> None:
-    """profiler.stop() in fit's finally. When training did not finish (an exception is on its way),
-    a failure to write the trace is a warning: the exception that ended training is the one raised."""
-    if finished:
-        profiler.stop()
-        return
-    try:
-        profiler.stop()
-    except Exception as e:  # noqa: BLE001 -- the training error matters more
-        log.warning("warning: the profiler trace was not written: %s", e)
-
-
 def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
     """Train from `pos` (a checkpoint Position) to run.epochs, a checkpoint and a log.txt line
     after every epoch.
@@ -301,10 +289,7 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
     log.info("Start training for %d epochs (%d iterations each)", run.epochs, epoch_iters)
     start_time = time.time()
     epoch, start = pos.epoch, pos.samples_in_epoch
-    if run.profiler is not None:
-        run.profiler.start()  # its schedule counts training steps: what ran before (the monitor's first run) is not in it
-    finished = False
-    try:
+    with profiling(run.profiler):  # counts training steps; also stopped (trace written) when training stops early
         while epoch < run.epochs:
             try:
                 stats = train_one_epoch(run, epoch, start)
@@ -336,14 +321,6 @@ def fit(run: TrainingRun, pos, after_epoch: Optional[Callable] = None) -> None:
             epoch, start = epoch + 1, 0
         with run.watchdog.slow("a checkpoint save"):
             run.checkpointer.close()  # the last (async) save is written before training ends
-        finished = True
-    finally:
-        if run.profiler is not None:
-            # Also when training stops early (preemption, TrainingStopped): what was traced is
-            # written, and CUDA memory history recording ends. A run shorter than --profile_steps
-            # writes what it traced.
-            _stop_profiler(run.profiler, finished)
-
     log.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if run.log_writer is not None:
         run.log_writer.close()
