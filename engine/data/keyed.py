@@ -93,7 +93,7 @@ class KeyedSamples(Dataset):
             fix = f"pass --nb_classes {target + 1} or more, or fix the label" if target >= self.num_classes \
                 else "fix the label (labels are class indices, never negative)"
             raise SampleError(f"sample {self.source.name(i)} has label {target}, outside 0..{self.num_classes - 1} "
-                            f"(--nb_classes {self.num_classes}): {fix}")
+                              f"(--nb_classes {self.num_classes}): {fix}")
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
